@@ -56,8 +56,8 @@ def _kl_rows(p_logits: Tensor, q_logits: Tensor, temperature: float) -> Tensor:
     """Per-row KL(softmax(p/T) || softmax(q/T))."""
     log_p = F.log_softmax(p_logits / temperature, dim=-1)
     log_q = F.log_softmax(q_logits / temperature, dim=-1)
-    terms = log_p.exp() * (log_p - log_q)
-    return terms.masked_fill(log_p == float("-inf"), 0).sum(-1)  # 0 log 0 = 0 (a -inf logit), NaN stays NaN
+    gap = torch.where(log_p == float("-inf"), 0.0, log_p - log_q)  # 0 log 0 = 0 for a -inf logit; NaN stays NaN
+    return (log_p.exp() * gap).sum(-1)
 
 
 def gist_loss(
