@@ -1,2 +1,17 @@
-"""gist_fast: fused-kernel GIST / iDAT / two-stage PEFT for timm Vision Transformers."""
+"""gist_fast: fused-kernel GIST / iDAT / two-stage PEFT for timm Vision Transformers.
+
+    model = gist_fast.patch(timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100))
+    loss = gist_fast.GistLoss()(model(images), target)
+"""
+from gist_fast.losses import DistillLoss, GistLoss
+from gist_fast.patch import PEFT_KINDS, GistOutput, parameter_summary, patch, patch_config
+from gist_fast.state import load_trainable_state_dict, trainable_state_dict
+from gist_fast.two_stage import select_channels, taylor_importance
+
 __version__ = "0.1.0"
+__all__ = [
+    "patch", "patch_config", "parameter_summary", "GistOutput", "PEFT_KINDS",
+    "GistLoss", "DistillLoss",
+    "trainable_state_dict", "load_trainable_state_dict",
+    "taylor_importance", "select_channels",
+]

@@ -30,10 +30,10 @@ _forced: Optional[str] = None
 
 @contextlib.contextmanager
 def force(backend: Optional[str]) -> Iterator[None]:
-    """Run every fused op on `backend` ("triton", "cpp" or None for the default choice)."""
+    """Run every fused op on `backend` ("triton", "cpp", "reference" or None for the default choice)."""
     global _forced
-    if backend not in (None, "triton", "cpp"):
-        raise ValueError(f"backend must be 'triton', 'cpp' or None, got {backend!r}")
+    if backend not in (None, "triton", "cpp", "reference"):
+        raise ValueError(f"backend must be 'triton', 'cpp', 'reference' or None, got {backend!r}")
     previous, _forced = _forced, backend
     try:
         yield

@@ -90,7 +90,7 @@ def check_logits(a: Tensor, b: Tensor, target: Tensor, ignore_index: int, names:
     torch._assert_async(in_range.all(), f"target labels must lie in [0, {a.shape[1]}) or equal ignore_index={ignore_index}")
 
 
-def _check_common(temperature: float, reduction: str) -> None:
+def check_options(temperature: float, reduction: str) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if reduction not in REDUCTIONS:
@@ -106,12 +106,14 @@ def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> 
 
 def gist_loss(
     logits: Tensor, gist_logits: Tensor, target: Tensor, gist_weight: float = 0.5, kl_weight: float = 0.75,
-    temperature: float = 3.0, ignore_index: int = -100, reduction: str = "mean",
+    temperature: float = 3.0, ignore_index: int = -100, reduction: str = "mean", fused: bool = True,
 ) -> Tensor:
-    """CE(z_cls) + gist_weight CE(z_gist) + kl_weight (KL(σ_T(z_cls)||σ_T(z_gist)) + KL(σ_T(z_gist)||σ_T(z_cls)))."""
-    _check_common(temperature, reduction)
+    """CE(z_cls) + gist_weight CE(z_gist) + kl_weight (KL(σ_T(z_cls)||σ_T(z_gist)) + KL(σ_T(z_gist)||σ_T(z_cls))).
+
+    fused=False (or no backend for the device) runs gist_fast.reference after the same checks."""
+    check_options(temperature, reduction)
     check_logits(logits, gist_logits, target, ignore_index, ("logits", "gist_logits"))
-    if not _backend.available(logits):
+    if not fused or not _backend.available(logits):
         return reference.gist_loss(logits, gist_logits, target, gist_weight, kl_weight, temperature, ignore_index, reduction)
     needs_grad = torch.is_grad_enabled() and (logits.requires_grad or gist_logits.requires_grad)
     rows = gist_loss_fwd(logits.contiguous(), gist_logits.contiguous(), target.long().contiguous(), float(gist_weight),
@@ -121,14 +123,14 @@ def gist_loss(
 
 def distill_loss(
     student: Tensor, teacher: Tensor, target: Tensor, kind: str = "kl", temperature: float = 5.0,
-    ignore_index: int = -100, reduction: str = "mean",
+    ignore_index: int = -100, reduction: str = "mean", fused: bool = True,
 ) -> Tensor:
     """iDAT: CE(z_S) + CE(z_T) + D(z_S, z_T), D sending gradients into both models."""
-    _check_common(temperature, reduction)
+    check_options(temperature, reduction)
     if kind not in DISTILL_KINDS:
         raise ValueError(f"distill kind must be one of {DISTILL_KINDS}, got {kind!r}")
     check_logits(student, teacher, target, ignore_index, ("student", "teacher"))
-    if not _backend.available(student):
+    if not fused or not _backend.available(student):
         return reference.distill_loss(student, teacher, target, kind, temperature, ignore_index, reduction)
     needs_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
     rows = distill_loss_fwd(student.contiguous(), teacher.contiguous(), target.long().contiguous(),

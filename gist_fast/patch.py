@@ -1,0 +1,180 @@
+"""timm ViT surgery: insert the Gist token and the PEFT modules, freeze the rest, rebind forwards."""
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from gist_fast.peft import BLOCK_FORWARDS, DEFAULT_SCALE, Adapter, ChannelLinear
+
+PEFT_KINDS = ("adapter", "seq-adapter", "adaptformer", "ln", "channels", "linear")
+SUPPORTED = "timm VisionTransformer models with plain pre-norm Blocks (vit_*, deit_* without a distillation token)"
+
+
+class GistOutput(NamedTuple):
+    """What a gist-patched model returns in train mode."""
+
+    logits: Tensor
+    gist_logits: Tensor
+
+
+@dataclass
+class PatchConfig:
+    peft: str
+    gist: bool
+    rank: int
+    scale: float
+    fused: bool
+    channels: Optional[List[List[int]]] = None
+    gist_index: int = 1
+
+
+@dataclass
+class ParameterSummary:
+    trainable: int
+    total: int
+    by_group: Dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        groups = ", ".join(f"{k} {v:,}" for k, v in self.by_group.items())
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {100 * self.trainable / max(self.total, 1):.4f} ({groups})")
+
+
+def _vit_classes():
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block
+
+
+def _check_model(model: nn.Module) -> None:
+    vit, block = _vit_classes()
+    if not isinstance(model, vit) or getattr(model, "dist_token", None) is not None:
+        raise TypeError(f"gist_fast.patch supports {SUPPORTED}; got {type(model).__name__}")
+    odd = {type(b).__name__ for b in model.blocks if type(b) is not block}
+    if odd:
+        raise TypeError(f"gist_fast.patch supports {SUPPORTED}; this model has blocks of type {sorted(odd)}")
+    if hasattr(model, "gist_fast_config"):
+        raise RuntimeError("this model is already patched by gist_fast; create a fresh timm model to patch it again")
+
+
+def _normalize_channels(channels, depth: int, dim: int) -> List[List[int]]:
+    if channels is None:
+        raise ValueError("peft='channels' needs channels=: one index list per block (see gist_fast.select_channels)")
+    rows = [list(map(int, c)) for c in (channels.tolist() if isinstance(channels, Tensor) else channels)]
+    if len(rows) != depth:
+        raise ValueError(f"channels must hold one index list per block ({depth}), got {len(rows)}")
+    for i, row in enumerate(rows):
+        if not row or min(row) < 0 or max(row) >= dim or len(set(row)) != len(row):
+            raise ValueError(f"channels[{i}] must be distinct indices in [0, {dim}), got {row[:8]}{'...' if len(row) > 8 else ''}")
+    return rows
+
+
+def _gist_pos_embed(self, x: Tensor) -> Tensor:
+    """timm's own position embedding, then the Gist token (no position embedding, own dropout)."""
+    x = type(self)._pos_embed(self, x)
+    i = self.gist_fast_config.gist_index
+    gist = self.gist_drop(self.gist_token.expand(x.shape[0], -1, -1).to(x.dtype))
+    return torch.cat([x[:, :i], gist, x[:, i:]], dim=1)
+
+
+def _gist_forward(self, x: Tensor, *args, **kwargs):
+    """Eval: logits, as timm returns them. Train: GistOutput(logits, gist_logits), both through
+    the final norm and the same head."""
+    feats = self.forward_features(x, *args, **kwargs)
+    logits = self.forward_head(feats)
+    if not self.training:
+        return logits
+    gist = self.head(self.head_drop(self.fc_norm(feats[:, self.gist_fast_config.gist_index])))
+    return GistOutput(logits, gist)
+
+
+def _trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+    cfg = model.gist_fast_config
+    groups = {"head": list(model.get_classifier().parameters())}
+    if cfg.gist:
+        groups["gist"] = [model.gist_token]
+    if cfg.peft in ("adapter", "seq-adapter", "adaptformer"):
+        groups["adapters"] = [p for b in model.blocks for p in b.adapter.parameters()]
+    if cfg.peft in ("ln", "channels"):
+        groups["layernorms"] = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    if cfg.peft == "channels":
+        groups["channels"] = [p for b in model.blocks for p in b.channel_linear.parameters()]
+    return groups
+
+
+def parameter_summary(model: nn.Module) -> ParameterSummary:
+    """Counts of trainable parameters, in all and by group (head, gist, adapters, ...)."""
+    by_group = {k: sum(p.numel() for p in ps) for k, ps in _trainable_groups(model).items()} if hasattr(model, "gist_fast_config") else {}
+    return ParameterSummary(sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            sum(p.numel() for p in model.parameters()), by_group)
+
+
+def patch(
+    model: nn.Module,
+    *,
+    peft: str = "adapter",
+    gist: bool = True,
+    rank: int = 4,
+    scale: Optional[float] = None,
+    fused: Union[str, bool] = "auto",
+    channels: Optional[Union[Sequence[Sequence[int]], Tensor]] = None,
+    verbose: bool = True,
+) -> nn.Module:
+    """Patch a timm VisionTransformer in place for GIST / iDAT / two-stage PEFT and return it.
+
+    peft: "adapter" (GIST's parallel adapter), "seq-adapter" (iDAT), "adaptformer", "ln" (two-stage
+    stage 1), "channels" (stage 2, needs `channels`), "linear" (head only). scale=None takes the
+    method's own (0.1 for adapter/adaptformer, 1 for seq-adapter). fused: "auto"/True use the fused
+    ops (Triton on CUDA, C++ on CPU, the reference elsewhere), False the plain-PyTorch reference.
+    Everything but the PEFT parameters, the gist token and the head is frozen.
+    """
+    _check_model(model)
+    if peft not in PEFT_KINDS:
+        raise ValueError(f"unknown peft {peft!r}; choose one of {PEFT_KINDS}")
+    if fused not in ("auto", True, False):
+        raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
+    if not 1 <= rank <= 1024:
+        raise ValueError(f"rank must be in [1, 1024], got {rank}")
+    if gist and getattr(model, "attn_pool", None) is not None:
+        raise ValueError("gist=True needs token or average pooling; this model pools with attention (global_pool='map')")
+    dim, depth = model.embed_dim, len(model.blocks)
+    config = PatchConfig(
+        peft=peft, gist=gist, rank=rank, scale=float(DEFAULT_SCALE.get(peft, 0.0) if scale is None else scale),
+        fused=fused is not False, gist_index=model.num_prefix_tokens,
+        channels=_normalize_channels(channels, depth, dim) if peft == "channels" else None,
+    )
+    anchor = next(model.blocks.parameters())  # new modules follow the backbone's device and dtype
+    like = {"device": anchor.device, "dtype": anchor.dtype}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gist_fast_config = config
+    for i, block in enumerate(model.blocks):
+        if peft in DEFAULT_SCALE:
+            block.adapter = Adapter(dim, rank, config.scale, config.fused).to(**like)
+        elif peft == "channels":
+            block.channel_linear = ChannelLinear(dim, config.channels[i]).to(**like)
+        if peft in BLOCK_FORWARDS:
+            block.forward = types.MethodType(BLOCK_FORWARDS[peft], block)
+    if gist:
+        model.gist_token = nn.Parameter(torch.empty(1, 1, dim).uniform_(-0.5, 0.5).to(**like))
+        model.gist_drop = nn.Dropout(0.1)
+        model.num_prefix_tokens += 1  # timm's pooling then skips the gist token as it skips CLS
+        if hasattr(model.patch_drop, "num_prefix_tokens"):
+            model.patch_drop.num_prefix_tokens += 1
+        model._pos_embed = types.MethodType(_gist_pos_embed, model)
+        model.forward = types.MethodType(_gist_forward, model)
+    for params in _trainable_groups(model).values():
+        for p in params:
+            p.requires_grad_(True)
+    if verbose:
+        print(f"gist_fast.patch: peft={peft} gist={gist} rank={rank} scale={config.scale} fused={fused} | {parameter_summary(model)}")
+    return model
+
+
+def patch_config(model: nn.Module) -> dict:
+    """The configuration patch() applied, as a plain dict (checkpoints carry it)."""
+    if not hasattr(model, "gist_fast_config"):
+        raise ValueError("model is not patched by gist_fast")
+    return asdict(model.gist_fast_config)

@@ -1,0 +1,103 @@
+"""The PEFT modules patch() inserts, and the timm-Block forwards that use them (METHODS §1-§3)."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gist_fast import ops, reference
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter applied residually: forward(x, branch) = x + branch + scale * A(x),
+    A(x) = W_up GELU(W_down x + b_down) + b_up (exact GELU). Fused into one op when `fused`."""
+
+    def __init__(self, dim: int, rank: int = 4, scale: float = 0.1, fused: bool = True):
+        super().__init__()
+        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
+        self.scale, self.fused = float(scale), fused
+        for layer in (self.down, self.up):  # the authors' init: both trunc-normal 0.02, up NOT zero
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def _weights(self):
+        return self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale
+
+    def forward(self, x: Tensor, branch: Optional[Tensor] = None) -> Tensor:
+        fn = ops.adapter if self.fused else reference.adapter
+        return fn(x, *self._weights(), branch=branch)
+
+    def forward_norm(self, x: Tensor, norm: nn.LayerNorm, branch: Optional[Tensor] = None):
+        """(out, norm(out)) with out = forward(x, branch); one pass when fused."""
+        if not self.fused:
+            out = self.forward(x, branch)
+            return out, norm(out)
+        return ops.adapter_norm(x, *self._weights(), norm.weight, norm.bias, norm.eps, branch=branch)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, fused={self.fused}"
+
+
+class ChannelLinear(nn.Module):
+    """Two-stage, stage 2: x[..., I] <- x[..., I] + W x[..., I] + b on K selected channels I."""
+
+    def __init__(self, dim: int, channels: Sequence[int]):
+        super().__init__()
+        self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long))
+        k = len(self.channels)
+        self.linear = nn.Linear(k, k)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reference.channel_linear(x, self.channels, self.linear.weight, self.linear.bias)
+
+
+def _attn(block, x: Tensor, attn_kwargs: dict) -> Tensor:
+    # newer timm passes attn_mask / is_causal to attention; timm 0.9 takes none
+    return block.drop_path1(block.ls1(block.attn(block.norm1(x), **attn_kwargs)))
+
+
+def _mlp(block, normed: Tensor) -> Tensor:
+    return block.drop_path2(block.ls2(block.mlp(normed)))
+
+
+def _fusable_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
+
+
+def gist_adapter_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
+    """GIST: x' = x + DP(MHSA(LN1 x)) + A(x);  y = x' + DP(MLP(LN2 x')) + A(x'), one shared adapter."""
+    attn = _attn(self, x, attn_kwargs)
+    if _fusable_norm(self.norm2):
+        x, normed = self.adapter.forward_norm(x, self.norm2, branch=attn)
+    else:
+        x = self.adapter(x, branch=attn)
+        normed = self.norm2(x)
+    return self.adapter(x, branch=_mlp(self, normed))
+
+
+def seq_adapter_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
+    """iDAT: the unchanged block, then y = x'' + A(x'')."""
+    x = x + _attn(self, x, attn_kwargs)
+    return self.adapter(x + _mlp(self, self.norm2(x)))
+
+
+def adaptformer_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
+    """AdaptFormer: x' = x + DP(MHSA(LN1 x));  y = x' + DP(MLP(LN2 x')) + s A(x')."""
+    x = x + _attn(self, x, attn_kwargs)
+    return self.adapter(x, branch=_mlp(self, self.norm2(x)))
+
+
+def channels_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
+    """Two-stage, stage 2: the channel linear acts in place on the stream entering norm2."""
+    x = self.channel_linear(x + _attn(self, x, attn_kwargs))
+    return x + _mlp(self, self.norm2(x))
+
+
+BLOCK_FORWARDS = {
+    "adapter": gist_adapter_forward,
+    "seq-adapter": seq_adapter_forward,
+    "adaptformer": adaptformer_forward,
+    "channels": channels_forward,
+}
+DEFAULT_SCALE = {"adapter": 0.1, "seq-adapter": 1.0, "adaptformer": 0.1}
