@@ -169,7 +169,8 @@ def patch(
         for p in params:
             p.requires_grad_(True)
     if verbose:
-        print(f"gist_fast.patch: peft={peft} gist={gist} rank={rank} scale={config.scale} fused={fused} | {parameter_summary(model)}")
+        adapter = f" rank={rank} scale={config.scale}" if peft in DEFAULT_SCALE else ""
+        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused} | {parameter_summary(model)}")
     return model
 
 
