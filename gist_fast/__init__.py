@@ -4,6 +4,8 @@
     loss = gist_fast.GistLoss()(model(images), target)
 """
 from gist_fast.losses import DistillLoss, GistLoss
+from gist_fast.memory import (ActivationReport, accumulate_backward, activation_bytes, fit_micro_batch,
+                              step_with_budget)
 from gist_fast.patch import PEFT_KINDS, GistOutput, parameter_summary, patch, patch_config
 from gist_fast.state import load_trainable_state_dict, trainable_state_dict
 from gist_fast.two_stage import select_channels, taylor_importance
@@ -14,4 +16,5 @@ __all__ = [
     "GistLoss", "DistillLoss",
     "trainable_state_dict", "load_trainable_state_dict",
     "taylor_importance", "select_channels",
+    "activation_bytes", "ActivationReport", "fit_micro_batch", "accumulate_backward", "step_with_budget",
 ]

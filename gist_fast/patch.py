@@ -6,6 +6,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from gist_fast.lean_block import LEAN_PEFTS, MEMORY_MODES, make_forward
 from gist_fast.peft import BLOCK_FORWARDS, DEFAULT_SCALE, Adapter, ChannelLinear
 
 PEFT_KINDS = ("adapter", "seq-adapter", "adaptformer", "ln", "channels", "linear")
@@ -28,6 +29,7 @@ class PatchConfig:
     fused: bool
     channels: Optional[List[List[int]]] = None
     gist_index: int = 1
+    memory: Optional[str] = "lean"
 
 
 @dataclass
@@ -121,6 +123,7 @@ def patch(
     fused: Union[str, bool] = "auto",
     channels: Optional[Union[Sequence[Sequence[int]], Tensor]] = None,
     verbose: bool = True,
+    memory: Optional[str] = "lean",
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place for GIST / iDAT / two-stage PEFT and return it.
 
@@ -129,6 +132,9 @@ def patch(
     method's own (0.1 for adapter/adaptformer, 1 for seq-adapter). fused: "auto"/True use the fused
     ops (Triton on CUDA, C++ on CPU, the reference elsewhere), False the plain-PyTorch reference.
     Everything but the PEFT parameters, the gist token and the head is frozen.
+    memory: with fused ops, the block forward/backward of gist_fast.lean_block for "adapter" and
+    "adaptformer": "lean" saves the block input and the MLP pre-activation in the compute dtype,
+    "min" the block input only (more recomputation), None the eager block.
     """
     _check_model(model)
     if peft not in PEFT_KINDS:
@@ -139,11 +145,14 @@ def patch(
         raise ValueError(f"rank must be in [1, 1024], got {rank}")
     if gist and getattr(model, "attn_pool", None) is not None:
         raise ValueError("gist=True needs token or average pooling; this model pools with attention (global_pool='map')")
+    if memory not in MEMORY_MODES + (None,):
+        raise ValueError(f"memory must be one of {MEMORY_MODES} or None, got {memory!r}")
     dim, depth = model.embed_dim, len(model.blocks)
     config = PatchConfig(
         peft=peft, gist=gist, rank=rank, scale=float(DEFAULT_SCALE.get(peft, 0.0) if scale is None else scale),
         fused=fused is not False, gist_index=model.num_prefix_tokens,
         channels=_normalize_channels(channels, depth, dim) if peft == "channels" else None,
+        memory=memory if fused is not False and peft in LEAN_PEFTS else None,
     )
     anchor = next(model.blocks.parameters())  # new modules follow the backbone's device and dtype
     like = {"device": anchor.device, "dtype": anchor.dtype}
@@ -155,7 +164,9 @@ def patch(
             block.adapter = Adapter(dim, rank, config.scale, config.fused).to(**like)
         elif peft == "channels":
             block.channel_linear = ChannelLinear(dim, config.channels[i]).to(**like)
-        if peft in BLOCK_FORWARDS:
+        if config.memory is not None:
+            block.forward = types.MethodType(make_forward(peft, config.memory), block)
+        elif peft in BLOCK_FORWARDS:
             block.forward = types.MethodType(BLOCK_FORWARDS[peft], block)
     if gist:
         model.gist_token = nn.Parameter(torch.empty(1, 1, dim).uniform_(-0.5, 0.5).to(**like))
@@ -170,7 +181,7 @@ def patch(
             p.requires_grad_(True)
     if verbose:
         adapter = f" rank={rank} scale={config.scale}" if peft in DEFAULT_SCALE else ""
-        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused} | {parameter_summary(model)}")
+        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused}{f' memory={config.memory}' if config.memory else ''} | {parameter_summary(model)}")
     return model
 
 

@@ -103,7 +103,8 @@ def distill_loss(
     if kind == "kl":
         rows = rows + _kl_rows(teacher, student, temperature)
     elif kind == "mse":
-        rows = rows + (student - teacher).pow(2).mean(-1)  # row mean; the batch mean completes the mean over all logits
+        gap = torch.where(valid[:, None], student - teacher, 0.0)  # ignored rows send no (NaN) gradient
+        rows = rows + gap.pow(2).mean(-1)  # row mean; the batch mean completes the mean over all logits
     else:
         raise ValueError(f"distill kind must be 'kl' or 'mse', got {kind!r}")
     return _reduce(rows.masked_fill(~valid, 0), valid, reduction)

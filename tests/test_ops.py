@@ -22,10 +22,10 @@ def _device(backend):
 def _run(fn, inputs, grads, backend=None):
     """Forward + backward with the given upstream gradients; returns outputs and input gradients."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
-    with _backend.force(backend) if backend else _nullcontext():
+    with _backend.force(backend) if backend else _nullcontext():  # the backward too runs on `backend`
         outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward([o for o in outs], [g.to(o.dtype) for o, g in zip(outs, grads)])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(list(outs), [g.to(o.dtype) for o, g in zip(outs, grads)])
     return [o.detach() for o in outs], [t.grad if t is not None and t.requires_grad else None for t in leaves]
 
 

@@ -1,0 +1,244 @@
+// C++ CPU kernels of the fused losses (the autograd formula lives in gist_fast/ops/losses.py).
+//
+// Per row b of two logit sets a, b (B, C) with target t, σ_T = softmax(z / T), p = σ_T(a), q = σ_T(b):
+//   GIST     rows = CE(a) + w_g CE(b) + w_kl (KL(p||q) + KL(q||p))        (a = z_cls, b = z_gist)
+//   KL       rows = CE(a) + CE(b) + KL(q||p)                               (a = student, b = teacher)
+//   MSE      rows = CE(a) + CE(b) + mean_c (a - b)^2
+// and, when asked, d rows[b] / d a[b] and d rows[b] / d b[b]. Each row is read three times: its
+// maxima, then the softmax sums (KL(p||q) = Σ e_p (u_p - u_q) / S_p - log S_p + log S_q needs no
+// per-element log), then the gradients. fp32 math whatever the storage dtype; rows whose target is
+// ignore_index are 0 with zero gradients.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "common.h"
+
+namespace gist_fast {
+namespace {
+
+using at::Tensor;
+
+enum Mode : int { kGist = 0, kDistillKL = 1, kDistillMSE = 2 };
+
+struct LossParams {
+  float gist_weight;   // w_g (GIST only)
+  float kl_weight;     // w_kl (GIST only)
+  float inv_temp;      // 1 / T
+  int64_t ignore_index;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// a, b: (rows, C) logits; target: (rows,) int64, already validated; out_rows: (rows,) fp32;
+// grad_a, grad_b: (rows, C) in T, or null when no gradient is wanted.
+template <typename T, int MODE>
+void pair_loss_rows(const T* a_all, const T* b_all, const int64_t* target, int64_t rows, int64_t classes,
+                    LossParams prm, float* out_rows, T* grad_a, T* grad_b) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    const float inv_t = prm.inv_temp, n = static_cast<float>(classes);
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* a = a_all + row * classes;
+      const T* b = b_all + row * classes;
+      T* ga = grad_a ? grad_a + row * classes : nullptr;
+      T* gb = grad_b ? grad_b + row * classes : nullptr;
+      const int64_t t = target[row];
+      if (t == prm.ignore_index) {  // an ignored row: loss 0, gradients 0
+        out_rows[row] = 0.f;
+        if (ga) std::fill(ga, ga + classes, T(0)), std::fill(gb, gb + classes, T(0));
+        continue;
+      }
+      // Pass 1: row maxima (a NaN is skipped here and poisons the sums below).
+      float ma = kNegInf, mb = kNegInf;
+#pragma omp simd reduction(max : ma, mb)
+      for (int64_t k = 0; k < classes; ++k) {
+        const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
+        ma = fa > ma ? fa : ma;
+        mb = fb > mb ? fb : mb;
+      }
+      // Pass 2: S = Σ exp(z - m), S_T = Σ exp((z - m) / T), X = Σ e_T (u_T - u_T') (0 log 0 = 0).
+      float sa = 0.f, sb = 0.f, sat = 0.f, sbt = 0.f, xa = 0.f, xb = 0.f, sq = 0.f;
+      if (MODE == kDistillMSE) {
+#pragma omp simd reduction(+ : sa, sb, sq)
+        for (int64_t k = 0; k < classes; ++k) {
+          const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
+          sa += vexp(fa - ma);
+          sb += vexp(fb - mb);
+          sq += (fa - fb) * (fa - fb);
+        }
+      } else {
+#pragma omp simd reduction(+ : sa, sb, sat, sbt, xa, xb)
+        for (int64_t k = 0; k < classes; ++k) {
+          const float ua = static_cast<float>(a[k]) - ma, ub = static_cast<float>(b[k]) - mb;
+          const float uat = ua * inv_t, ubt = ub * inv_t;
+          const float eat = vexp(uat), ebt = vexp(ubt);
+          sa += vexp(ua);
+          sb += vexp(ub);
+          sat += eat;
+          sbt += ebt;
+          if (MODE == kGist) xa += uat == kNegInf ? 0.f : eat * (uat - ubt);
+          xb += ubt == kNegInf ? 0.f : ebt * (ubt - uat);
+        }
+      }
+      const double lse_a = ma + std::log(static_cast<double>(sa)), lse_b = mb + std::log(static_cast<double>(sb));
+      const double ce_a = lse_a - static_cast<float>(a[t]), ce_b = lse_b - static_cast<float>(b[t]);
+      const double lsat = std::log(static_cast<double>(sat)), lsbt = std::log(static_cast<double>(sbt));
+      const double kl_pq = xa / static_cast<double>(sat) - lsat + lsbt;  // KL(p||q), GIST only
+      const double kl_qp = xb / static_cast<double>(sbt) - lsbt + lsat;  // KL(q||p)
+      double loss;
+      if (MODE == kGist)
+        loss = ce_a + prm.gist_weight * ce_b + prm.kl_weight * (kl_pq + kl_qp);
+      else if (MODE == kDistillKL)
+        loss = ce_a + ce_b + kl_qp;
+      else
+        loss = ce_a + ce_b + sq / static_cast<double>(classes);
+      out_rows[row] = static_cast<float>(loss);
+      if (!ga) continue;
+      // Pass 3: gradients.
+      const float ra = 1.f / sa, rb = 1.f / sb, rat = 1.f / sat, rbt = 1.f / sbt;
+      const float lpa0 = static_cast<float>(lsat), lpb0 = static_cast<float>(lsbt);
+      const float klpq = static_cast<float>(kl_pq), klqp = static_cast<float>(kl_qp);
+      const float gw = prm.gist_weight, kwt = prm.kl_weight * inv_t, two_n = 2.f / n;
+#pragma omp simd
+      for (int64_t k = 0; k < classes; ++k) {
+        const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
+        const float ua = fa - ma, ub = fb - mb;
+        const float da = vexp(ua) * ra, db = vexp(ub) * rb;  // softmax; the one-hot is subtracted below
+        float out_a, out_b;
+        if (MODE == kDistillMSE) {
+          out_a = da + two_n * (fa - fb);
+          out_b = db - two_n * (fa - fb);
+        } else {
+          const float uat = ua * inv_t, ubt = ub * inv_t;
+          const float p = vexp(uat) * rat, q = vexp(ubt) * rbt;
+          const float lp = uat - lpa0, lq = ubt - lpb0;
+          if (MODE == kGist) {
+            const float tp = uat == kNegInf ? 0.f : p * (lp - lq - klpq);
+            const float tq = ubt == kNegInf ? 0.f : q * (lq - lp - klqp);
+            out_a = da + kwt * (tp + (p - q));
+            out_b = gw * db + kwt * (tq + (q - p));
+          } else {  // KL(q||p): q = teacher (b), p = student (a)
+            out_a = da + inv_t * (p - q);
+            out_b = db + inv_t * (ubt == kNegInf ? 0.f : q * (lq - lp - klqp));
+          }
+        }
+        ga[k] = static_cast<T>(out_a);
+        gb[k] = static_cast<T>(out_b);
+      }
+      // - onehot(t): d CE / dz = softmax - onehot, weighted like its CE term.
+      ga[t] = static_cast<T>(static_cast<float>(ga[t]) - 1.f);
+      gb[t] = static_cast<T>(static_cast<float>(gb[t]) - (MODE == kGist ? gw : 1.f));
+    }
+  });
+}
+
+void check_pair(const Tensor& a, const Tensor& b, const Tensor& target, int64_t ignore_index, const char* op) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && target.device().is_cpu(), "gist_fast ", op,
+              " (CPU): all inputs must be CPU tensors");
+  TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes(), "gist_fast ", op, " (CPU): both logit sets must be (batch, classes), got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && is_supported_float(a.scalar_type()), "gist_fast ", op,
+              " (CPU): logits must share one dtype among float32, bfloat16, float16, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == a.size(0), "gist_fast ", op, " (CPU): target must be (", a.size(0), ",), got ",
+              target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "gist_fast ", op, " (CPU): target must be int64, got ", target.scalar_type());
+  const int64_t classes = a.size(1);
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < target.size(0); ++r)
+    TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), "gist_fast ", op, " (CPU): target label ", t[r],
+                " at row ", r, " must lie in [0, ", classes, ") or equal ignore_index=", ignore_index);
+}
+
+template <int MODE>
+std::tuple<Tensor, Tensor, Tensor> pair_loss(const Tensor& a_in, const Tensor& b_in, const Tensor& target_in, LossParams prm,
+                                             bool compute_grad, const char* op) {
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous(), target = target_in.contiguous();
+  check_pair(a, b, target, prm.ignore_index, op);
+  const int64_t rows = a.size(0), classes = a.size(1);
+  Tensor out_rows = at::empty({rows}, a.options().dtype(at::kFloat));
+  Tensor grad_a = compute_grad ? at::empty_like(a) : at::empty({0}, a.options());
+  Tensor grad_b = compute_grad ? at::empty_like(b) : at::empty({0}, b.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "gist_fast_pair_loss", [&] {
+    pair_loss_rows<scalar_t, MODE>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+                                   rows, classes, prm, out_rows.mutable_data_ptr<float>(),
+                                   compute_grad ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+                                   compute_grad ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {out_rows, grad_a, grad_b};
+}
+
+// out[r, :] = g[r, :] * s[r]; g, out: (rows, C) in T; s: (rows,) fp32.
+template <typename T>
+void scale_rows_impl(const T* g, const float* s, T* out, int64_t rows, int64_t classes) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float sc = s[r];
+      const T* gr = g + r * classes;
+      T* o = out + r * classes;
+#pragma omp simd
+      for (int64_t k = 0; k < classes; ++k) o[k] = static_cast<T>(static_cast<float>(gr[k]) * sc);
+    }
+  });
+}
+
+}  // namespace
+
+// GIST loss rows (B,) fp32 and, when compute_grad, their gradients into logits and gist_logits.
+std::tuple<Tensor, Tensor, Tensor> gist_loss_fwd_cpu(const Tensor& logits, const Tensor& gist_logits, const Tensor& target,
+                                                     double gist_weight, double kl_weight, double temperature,
+                                                     int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(temperature > 0, "gist_fast gist_loss (CPU): temperature must be > 0, got ", temperature);
+  const LossParams prm{static_cast<float>(gist_weight), static_cast<float>(kl_weight), static_cast<float>(1.0 / temperature),
+                       ignore_index};
+  return pair_loss<kGist>(logits, gist_logits, target, prm, compute_grad, "gist_loss");
+}
+
+// iDAT loss rows: kind 0 = CE(s) + CE(t) + KL(σ_T(t)||σ_T(s)), kind 1 = CE(s) + CE(t) + mean_c (s - t)^2.
+std::tuple<Tensor, Tensor, Tensor> distill_loss_fwd_cpu(const Tensor& student, const Tensor& teacher, const Tensor& target,
+                                                        int64_t kind, double temperature, int64_t ignore_index,
+                                                        bool compute_grad) {
+  TORCH_CHECK(kind == 0 || kind == 1, "gist_fast distill_loss (CPU): kind must be 0 (kl) or 1 (mse), got ", kind);
+  TORCH_CHECK(temperature > 0, "gist_fast distill_loss (CPU): temperature must be > 0, got ", temperature);
+  const LossParams prm{1.f, 1.f, static_cast<float>(1.0 / temperature), ignore_index};
+  return kind == 0 ? pair_loss<kDistillKL>(student, teacher, target, prm, compute_grad, "distill_loss")
+                   : pair_loss<kDistillMSE>(student, teacher, target, prm, compute_grad, "distill_loss");
+}
+
+// grad (B, C) * row_scale (B,)[:, None] in fp32, stored in grad's dtype.
+Tensor scale_rows_cpu(const Tensor& grad_in, const Tensor& row_scale_in) {
+  TORCH_CHECK(grad_in.dim() == 2 && row_scale_in.dim() == 1 && row_scale_in.size(0) == grad_in.size(0),
+              "gist_fast scale_rows (CPU): grad must be (B, C) and row_scale (B,), got ", grad_in.sizes(), " and ",
+              row_scale_in.sizes());
+  TORCH_CHECK(is_supported_float(grad_in.scalar_type()), "gist_fast scale_rows (CPU): unsupported dtype ", grad_in.scalar_type());
+  const Tensor grad = grad_in.contiguous(), row_scale = row_scale_in.to(at::kFloat).contiguous();
+  Tensor out = at::empty_like(grad);
+  const int64_t rows = grad.size(0), classes = grad.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_rows", [&] {
+    scale_rows_impl(grad.const_data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), rows,
+                    classes);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(gist_fast, m) {
+  m.def("gist_loss_fwd_cpu(Tensor logits, Tensor gist_logits, Tensor target, float gist_weight, float kl_weight, "
+        "float temperature, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("distill_loss_fwd_cpu(Tensor student, Tensor teacher, Tensor target, int kind, float temperature, "
+        "int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("scale_rows_cpu(Tensor grad, Tensor row_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gist_fast, CPU, m) {
+  m.impl("gist_loss_fwd_cpu", &gist_loss_fwd_cpu);
+  m.impl("distill_loss_fwd_cpu", &distill_loss_fwd_cpu);
+  m.impl("scale_rows_cpu", &scale_rows_cpu);
+}
+
+}  // namespace gist_fast

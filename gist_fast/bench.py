@@ -1,0 +1,402 @@
+"""`gist-fast bench`: end-to-end training-step benchmark of GIST on timm ViTs.
+
+Implementations (same weights, same batch):
+    eager            patch(fused=False): the authors' structure on timm, eager PyTorch
+    eager_compile    the same under torch.compile
+    checkpoint       eager + timm gradient checkpointing (model.set_grad_checkpointing())
+    gist_fast        patch(fused="auto", memory="lean")
+    gist_fast_min    patch(fused="auto", memory="min")
+    gist_fast_compile  gist_fast under torch.compile (compiled blocks use the fused ops, not the lean path)
+
+Per (model, implementation, batch): median step time over --steps timed steps after warm-up
+(forward + GIST loss + backward + AdamW step; compilation and warm-up are never timed), images/s,
+peak memory (CUDA), saved activations per image (gist_fast.activation_bytes), |loss - loss_eager|,
+MFU (CUDA, bf16) and the largest batch within --memory-budget (CUDA: found by running steps; CPU:
+estimated from saved activations and training state, marked "est").
+Writes bench.json, bench.md, bench_throughput.png and bench_memory.png into --out
+(default benchmarks/results/<device>/).
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+IMPLS = ("eager", "eager_compile", "checkpoint", "gist_fast", "gist_fast_min", "gist_fast_compile")
+MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "4090": 165.0}
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gist-fast bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=None, help="comma list; short names (vit_tiny) get _patch16_224 (default: all three on CUDA, vit_tiny on CPU)")
+    p.add_argument("--impls", default=None, help=f"comma list of {','.join(IMPLS)} (default: all)")
+    p.add_argument("--batches", default=None, help="comma list (default 32,64,128,256 on CUDA, 8,32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU; compile impls get 2 more)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--memory-budget", default="16GiB", help="largest batch within this (CUDA: by trying, CPU: estimate); 'none' to skip")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--img-size", type=int, default=224, help="input resolution (smaller for smoke tests)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _full_name(name: str) -> str:
+    return name if "patch" in name else f"{name}_patch16_224"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return device.type
+
+
+def _git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "") if sha else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    import timm
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "triton": triton_version, "timm": timm.__version__,
+        "python": platform.python_version(), "git_sha": _git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def step_gflops(model) -> float:
+    """Forward + input-gradient backward FLOPs per image of a frozen ViT (2 × forward; ~70 for ViT-B/16)."""
+    d, n = model.embed_dim, model.patch_embed.num_patches + model.num_prefix_tokens
+    hidden = model.blocks[0].mlp.fc1.out_features
+    per_block = n * (4 * d * d + 2 * d * hidden) + 2 * n * n * d
+    patch = model.patch_embed.num_patches * d * model.patch_embed.proj.weight[0].numel()
+    return 2 * 2 * (len(model.blocks) * per_block + patch) / 1e9
+
+
+def _loss_fn(fused: bool):
+    import gist_fast
+
+    if fused:
+        try:  # the fused loss when its backend is there, else the reference
+            gist_fast.GistLoss()((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]))
+        except Exception:
+            fused = False
+    return gist_fast.GistLoss(fused=fused)
+
+
+def build(impl: str, base, ref_state, device) -> torch.nn.Module:
+    import gist_fast
+
+    model = copy.deepcopy(base)
+    if impl in ("eager", "eager_compile", "checkpoint"):
+        gist_fast.patch(model, fused=False, verbose=False)
+    else:
+        gist_fast.patch(model, fused="auto", memory="min" if impl == "gist_fast_min" else "lean", verbose=False)
+    model.load_state_dict(ref_state)
+    if impl == "checkpoint":
+        model.set_grad_checkpointing(True)
+    return model.to(device).train()
+
+
+class Runner:
+    """One implementation's training step on one model."""
+
+    def __init__(self, impl: str, model, device, amp_dtype):
+        self.impl, self.model, self.device, self.amp_dtype = impl, model, device, amp_dtype
+        self.loss_fn = _loss_fn(impl.startswith("gist_fast"))
+        self.reset()
+        self.forward = torch.compile(self._forward) if impl.endswith("_compile") else self._forward
+
+    def reset(self, state=None):
+        """Back to the shared weights (every batch size starts from them) and a fresh optimizer."""
+        if state is not None:
+            self.model.load_state_dict(state)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+
+    def _forward(self, images, target):
+        return self.loss_fn(self.model(images), target)
+
+    def step(self, images, target) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.forward(images, target)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def loss(self, images, target, seed: int) -> float:
+        torch.manual_seed(seed)  # same gist-dropout draws for every implementation
+        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            return float(self.forward(images, target).detach())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(runner: Runner, images, target, steps: int) -> List[float]:
+    times = []
+    for _ in range(steps):
+        if runner.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.step(images, target)
+            end.record()
+            torch.cuda.synchronize(runner.device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            runner.step(images, target)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _fits(runner: Runner, batch: int, budget: int, num_classes: int) -> bool:
+    dev = runner.device
+    size = runner.model.patch_embed.img_size
+    try:
+        images = torch.randn(batch, 3, *size, device=dev)
+        target = torch.randint(0, num_classes, (batch,), device=dev)
+        runner.step(images, target)  # first call allocates optimizer state
+        torch.cuda.reset_peak_memory_stats(dev)
+        runner.step(images, target)
+        _sync(dev)
+        ok = torch.cuda.max_memory_allocated(dev) <= budget
+    except torch.cuda.OutOfMemoryError:
+        ok = False
+    runner.opt.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return ok
+
+
+def max_batch_cuda(runner: Runner, budget: int, num_classes: int, start: int = 16, limit: int = 4096) -> int:
+    """Largest batch whose step peaks within `budget` bytes: doubling, then bisection."""
+    lo, hi = 0, start
+    while hi <= limit and _fits(runner, hi, budget, num_classes):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(runner, mid, budget, num_classes) else (lo, mid)
+    return lo
+
+
+def run(args: argparse.Namespace, on_model=None) -> Dict:
+    import timm
+
+    import gist_fast
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    models = [_full_name(m) for m in (args.models.split(",") if args.models else (MODELS if cuda else MODELS[:1]))]
+    impls = args.impls.split(",") if args.impls else list(IMPLS)
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+    batches = [int(b) for b in (args.batches.split(",") if args.batches else ((32, 64, 128, 256) if cuda else (8, 32)))]
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    amp_dtype = torch.bfloat16 if dtype == "bf16" else None
+    steps = args.steps or (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    budget = None if str(args.memory_budget).lower() == "none" else gist_fast.memory.parse_bytes(args.memory_budget)
+    env = environment(device)
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in env["device"].lower()), None)
+    rows = []
+    for name in models:
+        torch.manual_seed(args.seed)
+        base = timm.create_model(name, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+        ref_state = gist_fast.patch(copy.deepcopy(base), fused=False, verbose=False).state_dict()
+        gflops = step_gflops(base)
+        runners = {impl: Runner(impl, build(impl, base, ref_state, device), device, amp_dtype) for impl in impls}
+        sample = torch.randn(4, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+        saved = {}
+        for impl, r in runners.items():
+            if impl.endswith("_compile"):
+                continue  # saved-tensor hooks do not see inside a compiled graph
+            saved[impl] = gist_fast.activation_bytes(r.model, sample, autocast_dtype=amp_dtype)
+        for batch in batches:
+            g = torch.Generator().manual_seed(args.seed + batch)
+            images = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
+            target = torch.randint(0, args.num_classes, (batch,), generator=g).to(device)
+            for r in runners.values():
+                r.reset(ref_state)
+            losses = {impl: r.loss(images, target, args.seed) for impl, r in runners.items()}
+            ref_loss = losses.get("eager")
+            timings: Dict[str, List[float]] = {impl: [] for impl in runners}
+            peak = {}
+            for impl, r in runners.items():
+                for _ in range(warmup + (2 if impl.endswith("_compile") else 0)):
+                    r.step(images, target)
+                _sync(device)
+            if cuda:
+                for impl, r in runners.items():
+                    torch.cuda.reset_peak_memory_stats(device)
+                    timings[impl] = _time_steps(r, images, target, steps)
+                    peak[impl] = torch.cuda.max_memory_allocated(device)
+            else:  # interleave: a shared CPU's load drifts, so each round times every implementation once
+                for _ in range(steps):
+                    for impl, r in runners.items():
+                        timings[impl] += _time_steps(r, images, target, 1)
+            for impl, r in runners.items():
+                t = statistics.median(timings[impl])
+                row = {
+                    "model": name, "impl": impl, "batch": batch, "dtype": dtype, "device": device.type,
+                    "step_ms": 1e3 * t, "step_ms_all": [round(1e3 * x, 3) for x in timings[impl]],
+                    "images_per_s": batch / t,
+                    "peak_mem_mb": peak[impl] / 2**20 if impl in peak else None,
+                    "saved_mb_per_image": saved[impl].per_image_mb if impl in saved else None,
+                    "loss": losses[impl],
+                    "loss_diff_vs_eager": abs(losses[impl] - ref_loss) if ref_loss is not None else None,
+                    "gflop_per_image": gflops,
+                    "mfu": (batch * gflops / t / 1e3 / peak_tflops) if (peak_tflops and dtype == "bf16") else None,
+                }
+                rows.append(row)
+                print(f"{name} {impl:18s} b={batch:4d} {row['step_ms']:9.1f} ms  {row['images_per_s']:8.1f} img/s  "
+                      f"saved {row['saved_mb_per_image'] or float('nan'):6.2f} MB/img  |dloss| {row['loss_diff_vs_eager'] or 0:.2e}",
+                      flush=True)
+        if budget:
+            for impl, r in runners.items():
+                if cuda and not impl.endswith("_compile"):
+                    best, how = max_batch_cuda(r, budget, args.num_classes), "measured"
+                elif impl in saved:
+                    rep = saved[impl]
+                    free = budget - gist_fast.memory.training_state_bytes(r.model) - max(rep.fixed, 0)
+                    best, how = int(free // rep.per_image), "estimate from saved activations (no allocator on this device)"
+                else:
+                    continue
+                for row in rows:
+                    if row["model"] == name and row["impl"] == impl:
+                        row["max_batch_in_budget"], row["max_batch_how"] = best, how
+        del runners
+        if cuda:
+            torch.cuda.empty_cache()
+        result = {"environment": env, "settings": {"models": models, "impls": impls, "batches": batches, "dtype": dtype,
+                                                   "steps": steps, "warmup": warmup, "memory_budget": args.memory_budget,
+                                                   "peak_bf16_tflops": peak_tflops}, "rows": rows}
+        if on_model is not None:
+            on_model(result)  # results so far, written after every model (a killed run keeps them)
+    return result
+
+
+def markdown(result: Dict) -> str:
+    env, s = result["environment"], result["settings"]
+    lines = [f"# gist-fast bench: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, timm {env['timm']}, git {env['git_sha']}, {env['date']}; "
+             f"dtype {s['dtype']}, median of {s['steps']} timed steps after {s['warmup']} warm-up; "
+             f"step = forward + GIST loss + backward + AdamW.", "",
+             f"| model | impl | batch | step ms | img/s | vs eager | peak MB | saved MB/img | |Δloss| | MFU | max batch in {s['memory_budget']} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = {(r["model"], r["batch"]): r["images_per_s"] for r in result["rows"] if r["impl"] == "eager"}
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in result["rows"]:
+        speed = r["images_per_s"] / ref[(r["model"], r["batch"])] if (r["model"], r["batch"]) in ref else None
+        mb = r.get("max_batch_in_budget")
+        mb = "" if mb is None else f"{mb}{' (est)' if 'estimate' in r.get('max_batch_how', '') else ''}"
+        lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | {r['step_ms']:.1f} | "
+                     f"{r['images_per_s']:.1f} | {f(speed, '.2f')}× | {f(r['peak_mem_mb'], '.0f')} | {f(r['saved_mb_per_image'], '.2f')} | "
+                     f"{f(r['loss_diff_vs_eager'], '.1e')} | {f(r['mfu'], '.1%')} | {mb} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: Dict, out: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, models = result["rows"], result["settings"]["models"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    written = []
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for impl in impls:
+            pts = sorted((r["batch"], r["images_per_s"]) for r in rows if r["model"] == name and r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(name.replace("_patch16_224", ""))
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images / s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"training step throughput, {result['environment']['device']}, {result['settings']['dtype']}")
+    fig.tight_layout()
+    path = os.path.join(out, "bench_throughput.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        vals = {}
+        for r in rows:
+            if r["model"] == name and r["saved_mb_per_image"] is not None:
+                vals[r["impl"]] = r["saved_mb_per_image"]
+        ax.bar(list(vals), list(vals.values()), color="tab:blue")
+        ax.set_title(name.replace("_patch16_224", ""))
+        ax.set_ylabel("saved activations, MB / image")
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("memory autograd keeps between forward and backward")
+    fig.tight_layout()
+    path = os.path.join(out, "bench_memory.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write(result: Dict, out: str, with_plots: bool = True) -> List[str]:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as fh:
+        fh.write(markdown(result))
+    written = [os.path.join(out, "bench.json"), os.path.join(out, "bench.md")]
+    if with_plots:
+        written += plots(result, out)
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = args.out or os.path.join("benchmarks", "results", device_slug(device))
+    result = run(args, on_model=lambda partial: write(partial, out, with_plots=False))
+    written = write(result, out, with_plots=not args.no_plots)
+    print(markdown(result))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`gist-fast` (or `python -m gist_fast`): train, eval, vtab, bench.
+
+    gist-fast train                                   # GIST on the embedded digits, about a minute on a CPU
+    gist-fast train --framework idat --data ROOT --task cifar --pretrained
+    torchrun --nproc_per_node 4 -m gist_fast train --data ROOT --task dtd --pretrained
+    gist-fast eval runs/train/best.pt
+    gist-fast vtab --data ROOT --pretrained --output runs/vtab
+"""
+import argparse
+import ast
+import json
+import sys
+from typing import List, Optional
+
+DESCRIPTION = "Fused-kernel GIST / iDAT / two-stage fine-tuning of timm Vision Transformers."
+
+
+def _kwargs(text: str) -> dict:
+    """'img_size=32,depth=6' -> {'img_size': 32, 'depth': 6} (values as Python literals when they parse)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from gist_fast.patch import PEFT_KINDS
+    from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES
+
+    m = p.add_argument_group("method")
+    m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
+                   "the same without the token; idat: a teacher trained jointly; two-stage: LayerNorms, then Taylor-"
+                   "selected channels; linear: head only")
+    m.add_argument("--peft", choices=PEFT_KINDS, help="override the adapter kind of gist/adapter/idat (e.g. adaptformer)")
+    m.add_argument("--rank", type=int, help="adapter bottleneck (4)")
+    m.add_argument("--distill-kind", choices=("kl", "mse"), help="iDAT distillation term (kl, T = 5)")
+    m.add_argument("--stage1-epochs", type=int, help="two-stage: LayerNorm epochs (a tenth of the run)")
+    m.add_argument("--channels-k", type=int, help="two-stage: channels kept per block (D/8: 96 for ViT-B)")
+    m.add_argument("--fused", choices=FUSED_MODES, help="fused ops: auto (default), on, off (plain-PyTorch reference)")
+
+    mo = p.add_argument_group("model")
+    mo.add_argument("--model", help="timm model name (vit_base_patch16_224.orig_in21k; a 4-block ViT-Tiny on digits)")
+    mo.add_argument("--model-kwargs", type=_kwargs, help="timm create_model overrides, e.g. img_size=32,patch_size=8,depth=2")
+    mo.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (downloads)")
+    mo.add_argument("--pretrained-file", help="a local timm checkpoint (.npz, .safetensors, .pth) for the backbone")
+    mo.add_argument("--teacher", help="iDAT teacher (vit_small_patch16_224.augreg_in21k; a small ViT on digits)")
+    mo.add_argument("--teacher-kwargs", type=_kwargs, help="timm overrides for the teacher")
+    mo.add_argument("--teacher-pretrained-file", help="a local timm checkpoint for the teacher")
+
+    d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
+    d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
+    d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
+    d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
+
+    r = p.add_argument_group("recipe (defaults: the authors', METHODS §4)")
+    r.add_argument("--epochs", type=int, help="cosine epochs (100; 8 on digits)")
+    r.add_argument("--cooldown-epochs", type=int, help="epochs at --min-lr after the cosine (10; 0 on digits)")
+    r.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs from --warmup-lr (10; 1 on digits)")
+    r.add_argument("--warmup-lr", type=float, help="(1e-7)")
+    r.add_argument("--min-lr", type=float, help="(1e-8)")
+    r.add_argument("--lr", type=float, help="(per task; 5e-3)")
+    r.add_argument("--weight-decay", type=float, help="on tensors with ndim >= 2 (per task; 5e-5)")
+    r.add_argument("--drop-path", type=float, help="(per task; 0)")
+    r.add_argument("--batch-size", type=int, help="global batch, split across processes (64)")
+    r.add_argument("--seed", type=int, help="(42)")
+    r.add_argument("--amp", choices=AMP_MODES, help="mixed precision (bf16 on a GPU that has it, none on CPU)")
+
+    x = p.add_argument_group("run")
+    x.add_argument("--device", help="cpu, cuda, cuda:1 (a GPU when there is one)")
+    x.add_argument("--workers", type=int, help="data-loader processes (0 on digits, else up to 4)")
+    x.add_argument("--eval-every", type=int, help="evaluate every N epochs (1) and always after the last")
+    x.add_argument("--output", help="folder for log.jsonl, last.pt, best.pt, result.json (runs/train)")
+    x.add_argument("--stop-after-steps", type=int, help="stop after N steps with a resumable checkpoint")
+    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gist-fast", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune a timm ViT (GIST, adapter, iDAT, two-stage, linear)",
+                       argument_default=argparse.SUPPRESS, description="Options left out take the authors' recipe "
+                       "(METHODS §4), the task's table row, or the embedded digits defaults.")
+    _add_train_options(t)
+    t.add_argument("--resume", help="a last.pt to continue exactly (its own configuration; only run options may change)")
+    v = sub.add_parser("vtab", help="train on every VTAB-1K task (or --tasks) and tabulate the means",
+                       argument_default=argparse.SUPPRESS)
+    _add_train_options(v)
+    v.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated task list (all 19)")
+    e = sub.add_parser("eval", help="accuracy of a checkpoint (best.pt or last.pt) on a split")
+    e.add_argument("checkpoint")
+    e.add_argument("--split", help="test (default), train, a VTAB list name (val200) or an ImageFolder sub-folder")
+    for name in ("--data", "--task", "--device"):
+        e.add_argument(name, help="override the checkpoint's")
+    e.add_argument("--workers", type=int)
+    e.add_argument("--batch-size", type=int)
+    sub.add_parser("bench", help="benchmarks (gist_fast.bench; options after 'bench' are passed on)", add_help=False)
+    return p
+
+
+def _train_config(given: dict):
+    from gist_fast.training.recipe import TrainConfig
+
+    return TrainConfig(**given)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from gist_fast import bench  # another module's own command line
+
+        return bench.main(argv[1:]) or 0
+    args = vars(parser().parse_args(argv))
+    command = args.pop("command")
+
+    from gist_fast.training import checkpoint, distributed, loop, recipe, vtab
+    from gist_fast.training.data import DataError
+
+    try:
+        if command == "train":
+            resume = args.pop("resume", None)
+            cfg = (recipe.for_resume(checkpoint.load(resume)["config"], args) if resume
+                   else _train_config(args))
+            result = loop.train(cfg, resume)
+            if distributed.is_main_process():
+                print(f"done: last accuracy {result['last_acc']:.2f}%  best {result['best_acc']:.2f}%  "
+                      f"({result['trainable']:,} trainable parameters, {result['wall_s']:.0f} s)")
+        elif command == "vtab":
+            tasks = args.pop("tasks", None)
+            if "data" not in args:
+                raise ValueError("gist-fast vtab needs --data ROOT (the VTAB-1K root)")
+            args.setdefault("output", "runs/vtab")
+            out = vtab.run(_train_config(args), tasks)
+            print(out["table"])
+        elif command == "eval":
+            path, split = args.pop("checkpoint"), args.pop("split")
+            print(json.dumps(loop.evaluate_checkpoint(path, split, **args)))
+    except loop.Stopped as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"gist-fast {command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+    return 0

@@ -1,0 +1,338 @@
+"""One training run: epochs of the recipe, evaluation every epoch, JSON-lines log, atomic resumable
+checkpoints (also written on SIGINT/SIGTERM, mid-epoch), iDAT's teacher, the two-stage switch."""
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import gist_fast
+from gist_fast.training import checkpoint, data, distributed, models
+from gist_fast.training.recipe import TrainConfig, resolve
+
+FORMAT = "gist_fast.train/1"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Stopped(Exception):
+    """Training stopped early (signal or --stop-after-steps) after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def default_amp(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "none"
+
+
+def loader_workers(cfg: TrainConfig) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    return 0 if cfg.data is None else min(4, os.cpu_count() or 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str) -> float:
+    """Top-1 accuracy of model (in eval mode: CLS logits only) over loader, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none"):
+        for images, target in loader:
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            counts[0] += (model(images).argmax(-1) == target).sum()
+            counts[1] += target.numel()
+    model.train(was_training)
+    correct, total = distributed.all_sum(counts).tolist()
+    return 100.0 * correct / max(total, 1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, world: distributed.World, resume: Optional[Dict[str, Any]] = None):
+        self.cfg, self.world, self.device = cfg, world, world.device
+        self.amp = cfg.amp or default_amp(self.device)
+        self.main = world.main
+        if cfg.batch_size % world.size:
+            raise ValueError(f"--batch-size {cfg.batch_size} (global) must divide by the {world.size} processes")
+        self.local_batch = cfg.batch_size // world.size
+        size = models.input_size(cfg.model, cfg.model_kwargs)
+        self.train_set, self.test_set, self.num_classes = data.build(cfg.data, cfg.task, cfg.num_classes, size)
+        if cfg.framework == "idat" and models.input_size(cfg.teacher, cfg.teacher_kwargs) != size:
+            raise ValueError(f"the teacher {cfg.teacher} {cfg.teacher_kwargs} must take the student's input size {size}")
+        torch.manual_seed(cfg.seed + world.rank)  # dropout / drop-path streams; data order is seeded apart
+        patch_as = resume["student"]["gist_fast_config"] if resume else None
+        self.models: List[nn.Module] = [models.student(cfg, self.num_classes, self.main and not resume, patch_as)]
+        if cfg.framework == "idat":
+            self.models.append(models.teacher(cfg, self.num_classes, self.main and not resume))
+        self._prepare()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        if cfg.framework == "gist":
+            self.loss_fn = gist_fast.GistLoss(fused=cfg.fused != "off")
+        elif cfg.framework == "idat":
+            self.loss_fn = gist_fast.DistillLoss(kind=cfg.distill_kind, fused=cfg.fused != "off")
+        self.sampler = distributed.TrainSampler(self.train_set, num_replicas=world.size, rank=world.rank,
+                                                shuffle=True, seed=cfg.seed)
+        self.train_loader = self._loader(self.train_set, self.sampler)
+        self.test_loader = self._loader(self.test_set, distributed.EvalSampler(len(self.test_set), world))
+        self.epoch, self.step_in_epoch, self.best_acc, self.partial = 0, 0, -1.0, [0.0, 0.0, 0.0]
+        if resume:
+            self._restore(resume)
+        self.stop_signal: Optional[int] = None
+        self.steps_this_run = 0
+
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        # its own generator: starting an epoch's iterator must not draw from the global RNG, or a
+        # run resumed mid-epoch would see other dropout / drop-path masks
+        return DataLoader(dataset, self.local_batch, sampler=sampler, num_workers=loader_workers(self.cfg),
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    # -- models, optimizers, DDP -------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Move the models, wrap them for DDP, and give each its own AdamW and schedule."""
+        self.wrapped = []
+        for m in self.models:
+            m.to(self.device).train()
+            if self.world.size > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                m = DistributedDataParallel(m, device_ids=ids)
+            self.wrapped.append(m)
+        self.optimizers = [models.optimizer(m, self.cfg) for m in self.models]
+        self.schedulers = [models.scheduler(o, self.cfg) for o in self.optimizers]
+
+    @property
+    def student(self) -> nn.Module:
+        return self.models[0]
+
+    def _stage_two(self) -> None:
+        """Two-stage: Taylor scores of the LN-tuned model, a fresh model with channel linears on the
+        top-K channels, the stage-1 LayerNorms and head copied in, new optimizer and schedule."""
+        stage1 = self.student
+        loader = self._loader(self.train_set)
+        scores = gist_fast.taylor_importance(stage1, loader, self.device)  # every rank: the same full pass
+        k = self.cfg.channels_k or max(1, stage1.embed_dim // 8)
+        channels = gist_fast.select_channels(scores, k).tolist()
+        spec = dict(peft="channels", gist=False, rank=self.cfg.rank, scale=None, channels=channels)
+        stage2 = models.student(self.cfg, self.num_classes, self.main, spec)
+        stage2.to(self.device)
+        models.copy_trained(stage1, stage2)
+        self.models[0] = stage2
+        self._prepare()
+        self._log({"event": "stage2", "epoch": self.epoch, "channels_k": k, "channels": channels})
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _state(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch, "step": self.step_in_epoch,
+            "best_acc": self.best_acc,
+            "student": gist_fast.trainable_state_dict(self.student),
+            "teacher": gist_fast.trainable_state_dict(self.models[1]) if len(self.models) > 1 else None,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+            # every rank's own RNG streams and partial epoch sums
+            "per_rank": distributed.gather({"rng": checkpoint.rng_state(), "partial": list(self.partial)}),
+        }
+
+    def _restore(self, ckpt: Dict[str, Any]) -> None:
+        gist_fast.load_trainable_state_dict(self.student, ckpt["student"])
+        if ckpt.get("teacher") is not None:
+            gist_fast.load_trainable_state_dict(self.models[1], ckpt["teacher"])
+        for o, s in zip(self.optimizers, ckpt["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, ckpt["schedulers"]):
+            sch.load_state_dict(s)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step"]
+        self.best_acc = ckpt["best_acc"]
+        if len(ckpt["per_rank"]) != self.world.size:
+            raise ValueError(f"the checkpoint was written by {len(ckpt['per_rank'])} processes; resume it with as many "
+                             f"(not {self.world.size}) to continue exactly")
+        mine = ckpt["per_rank"][self.world.rank]
+        self.partial = list(mine["partial"])
+        checkpoint.set_rng_state(mine["rng"])
+
+    def _save(self, name: str, state: Dict[str, Any]) -> None:
+        if self.main:
+            checkpoint.atomic_save(state, os.path.join(self.cfg.output, name))
+        distributed.barrier()
+
+    def _log(self, record: Dict[str, Any], mode: str = "a") -> None:
+        if self.main:
+            os.makedirs(self.cfg.output, exist_ok=True)
+            with open(os.path.join(self.cfg.output, "log.jsonl"), mode) as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _step(self, images: torch.Tensor, target: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp != "none"):
+            out = self.wrapped[0](images)
+            logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
+            if self.cfg.framework == "idat":
+                loss = self.loss_fn(logits.float(), self.wrapped[1](images).float(), target)
+            elif self.cfg.framework == "gist":
+                loss = self.loss_fn(gist_fast.GistOutput(out[0].float(), out[1].float()), target)
+            else:
+                loss = F.cross_entropy(logits.float(), target)
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for o in self.optimizers:
+            self.scaler.step(o)
+        self.scaler.update()
+        return loss.detach(), (logits.detach().argmax(-1) == target).sum()
+
+    def _should_stop(self) -> bool:
+        limit = self.cfg.stop_after_steps
+        stop = torch.tensor(float(self.stop_signal is not None or (limit is not None and self.steps_this_run >= limit)),
+                            device=self.device)  # NCCL reduces device tensors only
+        return bool(distributed.all_sum(stop).item())  # every rank stops at the same step
+
+    def _train_epoch(self) -> Dict[str, float]:
+        steps = -(-self.sampler.num_samples // self.local_batch)
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = self.step_in_epoch * self.local_batch
+        sums = torch.tensor(self.partial, dtype=torch.float64, device=self.device)  # loss*n, correct, n
+        bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.total_epochs}",
+                   disable=not (self.main and self.cfg.progress), leave=False, dynamic_ncols=True, mininterval=0.5)
+        start, seen = time.perf_counter(), 0
+        for images, target in self.train_loader:
+            images, target = images.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+            loss, correct = self._step(images, target)
+            n = target.numel()
+            sums += torch.stack([loss.double() * n, correct.double(), torch.tensor(float(n), device=self.device,
+                                                                                    dtype=torch.float64)])
+            self.step_in_epoch += 1
+            self.steps_this_run += 1
+            seen += n * self.world.size
+            if bar.disable is False:
+                bar.update()
+                bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
+                                acc=f"{100 * sums[1].item() / sums[2].item():.1f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+            if self.step_in_epoch < steps and self._should_stop():
+                self.partial = sums.tolist()
+                bar.close()
+                return {}
+        bar.close()
+        sums = distributed.all_sum(sums)
+        self.partial = [0.0, 0.0, 0.0]
+        return {"train_loss": sums[0].item() / sums[2].item(), "train_acc": 100 * sums[1].item() / sums[2].item(),
+                "images_per_s": seen / (time.perf_counter() - start)}
+
+    def _stop(self) -> None:
+        """Save a resumable checkpoint and leave through Stopped."""
+        self._save("last.pt", self._state())
+        path = os.path.join(self.cfg.output, "last.pt")
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            raise Stopped(f"{name}: saved a resumable checkpoint to {path} (epoch {self.epoch + 1}, "
+                          f"step {self.step_in_epoch}); continue with --resume {path}", 128 + self.stop_signal)
+        raise Stopped(f"stopped after {self.steps_this_run} steps: saved {path}; continue with --resume {path}", 0)
+
+    def run(self) -> Dict[str, Any]:
+        cfg, started = self.cfg, time.perf_counter()
+        if self.main and self.epoch == 0 and self.step_in_epoch == 0:
+            self._log({"event": "start", "config": asdict(cfg), "world_size": self.world.size,
+                       "train_images": len(self.train_set), "test_images": len(self.test_set),
+                       "trainable": gist_fast.parameter_summary(self.student).trainable}, mode="w")  # a new run
+        last_acc = None
+        with _stop_on_signals(self):
+            while self.epoch < cfg.total_epochs:
+                if (cfg.framework == "two-stage" and self.epoch >= cfg.stage1_epochs
+                        and self.student.gist_fast_config.peft == "ln"):
+                    self._stage_two()
+                for s in self.schedulers:
+                    s.step(self.epoch)
+                stats = self._train_epoch()
+                if not stats:
+                    self._stop()
+                record = {"epoch": self.epoch + 1, "lr": self.optimizers[0].param_groups[0]["lr"], **stats}
+                final = self.epoch + 1 == cfg.total_epochs
+                if final or (self.epoch + 1) % cfg.eval_every == 0:
+                    last_acc = evaluate(self.student, self.test_loader, self.device, self.amp)
+                    record["test_acc"] = last_acc
+                    if last_acc > self.best_acc:
+                        self.best_acc = last_acc
+                        self._save("best.pt", {"format": FORMAT, "config": asdict(cfg), "epoch": self.epoch + 1,
+                                               "acc": last_acc, "student": gist_fast.trainable_state_dict(self.student)})
+                record["best_acc"] = self.best_acc
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self._log(record)
+                if self.main:
+                    shown = {k: f"{v:.4g}" if k in ("lr", "train_loss") else f"{v:.2f}" if isinstance(v, float) else v
+                             for k, v in record.items()}
+                    tqdm.write("  ".join(f"{k} {v}" for k, v in shown.items()))
+                if not final and self._should_stop():
+                    self._stop()
+                self._save("last.pt", self._state())
+        if last_acc is None:  # resumed a finished run
+            last_acc = evaluate(self.student, self.test_loader, self.device, self.amp)
+        result = {"task": cfg.task or (cfg.data and os.path.basename(os.path.normpath(cfg.data))) or "digits",
+                  "framework": cfg.framework, "best_acc": self.best_acc, "last_acc": last_acc,
+                  "epochs": cfg.total_epochs, "trainable": gist_fast.parameter_summary(self.student).trainable,
+                  "wall_s": time.perf_counter() - started}
+        self._log({"event": "done", **result})
+        if self.main:
+            with open(os.path.join(cfg.output, "result.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
+
+class _stop_on_signals:
+    """SIGINT / SIGTERM ask the loop to save and stop at the next step; a second one aborts."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame):
+        if self.trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.trainer.stop_signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train as configured (resume: a last.pt to continue from); returns best/last accuracy."""
+    ckpt = checkpoint.load(resume) if resume else None
+    cfg = resolve(cfg)
+    world = distributed.setup(cfg.device)
+    return Trainer(cfg, world, ckpt).run()
+
+
+def evaluate_checkpoint(path: str, split: Optional[str] = None, **overrides) -> Dict[str, Any]:
+    """Accuracy of a checkpoint's student on its evaluation set (or split: a VTAB list name such as
+    'val200', an ImageFolder sub-folder, or 'train')."""
+    ckpt = checkpoint.load(path)
+    cfg = TrainConfig(**{**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}})
+    world = distributed.setup(cfg.device)
+    size = models.input_size(cfg.model, cfg.model_kwargs)
+    other = None if split in (None, "train") else split
+    train_set, test_set, num_classes = data.build(cfg.data, cfg.task, cfg.num_classes, size, other)
+    model = models.student(cfg, num_classes, False, ckpt["student"]["gist_fast_config"])
+    gist_fast.load_trainable_state_dict(model, ckpt["student"])
+    dataset = train_set if split == "train" else test_set
+    loader = DataLoader(dataset, cfg.batch_size // world.size, num_workers=loader_workers(cfg),
+                        sampler=distributed.EvalSampler(len(dataset), world))
+    acc = evaluate(model.to(world.device), loader, world.device, cfg.amp or default_amp(world.device))
+    return {"checkpoint": path, "split": split or "test", "images": len(dataset), "acc": acc}

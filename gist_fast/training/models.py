@@ -1,0 +1,131 @@
+"""Backbones, their patching per framework, and the optimizer/schedule of the recipe (METHODS §4)."""
+import logging
+import os
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import gist_fast
+from gist_fast.training.recipe import TrainConfig
+
+# framework -> (default peft kind, gist token)
+FRAMEWORK_PEFT = {"gist": ("adapter", True), "adapter": ("adapter", False), "idat": ("seq-adapter", False),
+                  "two-stage": ("ln", False), "linear": ("linear", False)}
+
+
+class _MissingKeys(logging.Handler):
+    """timm's loader only logs the keys a pretrained file lacked; collect them to fail loudly."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.keys: List[str] = []
+
+    def emit(self, record):
+        text = record.getMessage()  # "Missing keys (a, b) discovered while loading ..."
+        if text.startswith("Missing keys (") and ") discovered" in text:
+            self.keys += text[len("Missing keys ("):text.index(") discovered")].split(", ")
+
+
+def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: int,
+             pretrained: bool = False, pretrained_file: Optional[str] = None) -> nn.Module:
+    """A timm model, built under its own seed so that a random backbone is the same in every
+    process and in `gist-fast eval` (checkpoints hold only the trained tensors)."""
+    import timm
+
+    extra = dict(kwargs, num_classes=num_classes, drop_path_rate=drop_path)
+    if pretrained_file:
+        if not os.path.isfile(pretrained_file):
+            raise FileNotFoundError(f"{pretrained_file}: pretrained file not found (--pretrained-file)")
+        # timm's own loader (pos-embed resampling, npz conversion); num_classes=-1 drops the
+        # file's head: the fine-tuning head is always new
+        extra["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_file),
+                                               custom_load=pretrained_file.endswith(".npz"), num_classes=-1)
+    logger, catcher = logging.getLogger("timm.models._builder"), _MissingKeys()
+    level = logger.level
+    logger.addHandler(catcher)
+    logger.setLevel(logging.INFO)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=pretrained or bool(pretrained_file), **extra)
+    except Exception as e:
+        if pretrained_file:
+            raise ValueError(f"{pretrained_file}: cannot load as pretrained weights for {name}: {e}") from e
+        raise
+    finally:
+        logger.removeHandler(catcher)
+        logger.setLevel(level)
+    missing = [k for k in catcher.keys if not k.startswith("head.")]
+    if pretrained_file and missing:
+        raise ValueError(f"{pretrained_file}: does not fit {name} {kwargs or ''}: it lacks {missing[:5]}")
+    return model
+
+
+def peft_of(cfg: TrainConfig):
+    peft, gist = FRAMEWORK_PEFT[cfg.framework]
+    if cfg.peft and cfg.framework not in ("two-stage", "linear"):
+        peft = cfg.peft
+    return peft, gist
+
+
+def fused_flag(cfg: TrainConfig):
+    return {"auto": "auto", "on": True, "off": False}[cfg.fused]
+
+
+def student(cfg: TrainConfig, num_classes: int, verbose: bool, patch_as: Optional[dict] = None) -> nn.Module:
+    """The patched student; patch_as (a checkpoint's patch configuration) rebuilds a saved one."""
+    model = backbone(cfg.model, cfg.model_kwargs, num_classes, cfg.drop_path, cfg.seed,
+                     cfg.pretrained, cfg.pretrained_file)
+    if patch_as is None:
+        peft, gist = peft_of(cfg)
+        patch_as = dict(peft=peft, gist=gist, rank=cfg.rank, scale=None, channels=None)
+    with torch.random.fork_rng(devices=[]):  # new PEFT tensors are seeded too
+        torch.manual_seed(cfg.seed)
+        return gist_fast.patch(model, peft=patch_as["peft"], gist=patch_as["gist"], rank=patch_as["rank"],
+                               scale=patch_as["scale"], channels=patch_as["channels"], fused=fused_flag(cfg),
+                               verbose=verbose)
+
+
+def teacher(cfg: TrainConfig, num_classes: int, verbose: bool) -> nn.Module:
+    model = backbone(cfg.teacher, cfg.teacher_kwargs, num_classes, cfg.drop_path, cfg.seed + 1,
+                     cfg.pretrained, cfg.teacher_pretrained_file)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return gist_fast.patch(model, peft=peft_of(cfg)[0], gist=False, rank=cfg.rank,
+                               fused=fused_flag(cfg), verbose=verbose)
+
+
+def copy_trained(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the tensors src trained into dst where dst trains the same names (two-stage: the
+    stage-1 LayerNorms and head into the stage-2 model)."""
+    mine = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.requires_grad and name in mine and mine[name].requires_grad:
+                mine[name].copy_(p)
+
+
+def optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW on the trainable tensors; weight decay only where ndim >= 2 (the 1x1xD gist token too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """Cosine over cfg.epochs stepped per epoch, linear warm-up from warmup_lr, then min_lr for the
+    cool-down epochs (timm's CosineLRScheduler, as the authors' code uses)."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(opt, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
+                             warmup_lr_init=cfg.warmup_lr, cycle_limit=1)
+
+
+def input_size(name: str, kwargs: dict):
+    """(H, W) the model takes, read from a weightless copy built on the meta device."""
+    import timm
+
+    with torch.device("meta"):
+        return tuple(timm.create_model(name, pretrained=False, **kwargs).patch_embed.img_size)

@@ -1,0 +1,326 @@
+"""Fused adapter + residual (+ LayerNorm): forward and backward kernels and their launchers.
+
+A program owns BLOCK_M rows and walks D in BLOCK_D chunks, so no row has to fit in registers; the
+rank-r bottleneck (BLOCK_M, BLOCK_R) stays in registers between the passes. Re-reads of a chunk in a
+later pass hit L2 (the program's rows were just read); HBM sees each input once and each output once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from gist_fast.kernels._common import block_size, dot_precision, gelu, gelu_grad, num_warps
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    x_ptr,  # (M, D) adapter input, contiguous, any float dtype
+    base_ptr,  # (M, D) residual base (HAS_BASE), else unused
+    branch_ptr,  # (M, D) extra residual term, e.g. the attention output (HAS_BRANCH), else unused
+    wd_ptr,  # (R, D) down-projection weight
+    bd_ptr,  # (R,) down-projection bias
+    wu_ptr,  # (D, R) up-projection weight
+    bu_ptr,  # (D,) up-projection bias
+    out_ptr,  # (M, D) out: residual + adapter, in the promoted dtype
+    normed_ptr,  # (M, D) out: LayerNorm(out), out's dtype (HAS_NORM)
+    nw_ptr,  # (D,) LayerNorm weight (HAS_NORM)
+    nb_ptr,  # (D,) LayerNorm bias (HAS_NORM)
+    mean_ptr,  # (M,) fp32 out: row mean of out (HAS_NORM)
+    rstd_ptr,  # (M,) fp32 out: 1 / sqrt(var + eps) of out (HAS_NORM)
+    M,  # rows
+    D,  # model width
+    R,  # adapter rank (<= BLOCK_R)
+    scale,  # float: adapter output scale
+    eps,  # float: LayerNorm epsilon
+    HAS_BASE: tl.constexpr,  # residual is base instead of x
+    HAS_BRANCH: tl.constexpr,  # add branch
+    HAS_NORM: tl.constexpr,  # also write LayerNorm(out), mean, rstd
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # columns per chunk
+    BLOCK_R: tl.constexpr,  # rank padded to a power of two >= 16
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision
+):
+    """out = (base or x) + branch + scale (GELU(x W_d^T + b_d) W_u^T + b_u), fp32 math;
+    normed = (out - mean) rstd w + b with mean and variance combined chunk by chunk (Chan et al.)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    row_off = rows[:, None] * D
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+    cols0 = tl.arange(0, BLOCK_D)
+    # pass 1: h = x W_d^T over D chunks
+    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        col_mask = cols < D
+        x = tl.load(x_ptr + row_off + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+        h = tl.dot(x, wd_t.to(tl.float32), h, input_precision=DOT_PRECISION)
+    bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
+    a = gelu(h + bd[None, :])  # padded ranks: GELU(0) = 0
+    # pass 2: out = residual + scale (a W_u^T + b_u), LayerNorm statistics on the stored (rounded) out
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    m2 = tl.zeros((BLOCK_M,), tl.float32)
+    n_a = tl.zeros((), tl.float32)  # columns folded into mean / m2 so far
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row_off + cols[None, :]
+        wu_t = tl.load(wu_ptr + cols[None, :] * R + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        y = tl.dot(a, wu_t.to(tl.float32), input_precision=DOT_PRECISION)
+        bu = tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_BASE:
+            res = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            res = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BRANCH:
+            res += tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (res + scale * (y + bu[None, :])).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, out, mask=mask)
+        if HAS_NORM:
+            n_b = tl.sum(col_mask.to(tl.float32), axis=0)
+            o = tl.where(col_mask[None, :], out.to(tl.float32), 0.0)
+            mean_b = tl.sum(o, axis=1) / n_b
+            dev = tl.where(col_mask[None, :], o - mean_b[:, None], 0.0)
+            delta = mean_b - mean
+            n = n_a + n_b
+            mean += delta * (n_b / n)
+            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_a * n_b / n)
+            n_a = n
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt(m2 / D + eps)
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        tl.debug_barrier()  # pass 3 reads out back, possibly in another thread's layout
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols0
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = row_off + cols[None, :]
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            b = tl.load(nb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            normed = (o - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    gout_ptr,  # (M, D) upstream gradient of out
+    gnormed_ptr,  # (M, D) upstream gradient of normed (HAS_NORM)
+    x_ptr,  # (M, D) adapter input
+    wd_ptr,  # (R, D) down-projection weight
+    bd_ptr,  # (R,) down-projection bias
+    wu_ptr,  # (D, R) up-projection weight
+    out_ptr,  # (M, D) forward out (HAS_NORM)
+    nw_ptr,  # (D,) LayerNorm weight (HAS_NORM)
+    mean_ptr,  # (M,) fp32 LayerNorm mean of out (HAS_NORM)
+    rstd_ptr,  # (M,) fp32 LayerNorm rstd of out (HAS_NORM)
+    gx_ptr,  # (M, D) out: grad of x, x's dtype
+    gres_ptr,  # (M, D) out: g, the total gradient reaching out, gout's dtype (HAS_NORM)
+    gwd_ptr,  # (P, R, D) fp32 out: this program's partial grad of W_d (P = 1 and atomic adds with ATOMIC)
+    gbd_ptr,  # (P, R) fp32 out: partial grad of b_d
+    gwu_ptr,  # (P, D, R) fp32 out: partial grad of W_u
+    gbu_ptr,  # (P, D) fp32 out: partial grad of b_u
+    gnw_ptr,  # (P, D) fp32 out: partial grad of the LayerNorm weight (HAS_NORM)
+    gnb_ptr,  # (P, D) fp32 out: partial grad of the LayerNorm bias (HAS_NORM)
+    M,  # rows
+    D,  # model width
+    R,  # adapter rank (<= BLOCK_R)
+    scale,  # float: adapter output scale
+    HAS_NORM: tl.constexpr,  # a LayerNorm was fused: g = gout + LayerNorm backward of gnormed
+    X_IS_BASE: tl.constexpr,  # the residual was x: grad_x also gets g
+    ATOMIC: tl.constexpr,  # reduce the weight gradients with fp32 atomics into slot 0 instead of per-program slots
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # columns per chunk
+    BLOCK_R: tl.constexpr,  # rank padded to a power of two >= 16
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision
+):
+    """g = gout + rstd (w gn - mean(xhat w gn) xhat - mean(w gn)); h = x W_d^T + b_d; gh = scale (g W_u) GELU'(h);
+    grad_x = gh W_d (+ g); dW_u = scale g^T GELU(h); db_u = scale sum g; dW_d = gh^T x; db_d = sum gh."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    row_off = rows[:, None] * D
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+    cols0 = tl.arange(0, BLOCK_D)
+    if ATOMIC:
+        slot = 0
+    else:
+        slot = pid
+    # pass A: h = x W_d^T, and the LayerNorm backward row sums c1 = sum(xhat w gn), c2 = sum(w gn)
+    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    c1 = tl.zeros((BLOCK_M,), tl.float32)
+    c2 = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_NORM:
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row_off + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+        h = tl.dot(x, wd_t.to(tl.float32), h, input_precision=DOT_PRECISION)
+        if HAS_NORM:
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            xhat = (o - mean[:, None]) * rstd[:, None]
+            wgn = w[None, :] * gn
+            c1 += tl.sum(xhat * wgn, axis=1)
+            c2 += tl.sum(wgn, axis=1)
+    c1 = c1 / D
+    c2 = c2 / D
+    bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
+    h += bd[None, :]
+    a = gelu(h)
+    # pass B: g, ga = g W_u, and the partial gradients of W_u, b_u and the LayerNorm affine
+    ga = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row_off + cols[None, :]
+        g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            xhat = (o - mean[:, None]) * rstd[:, None]
+            g += rstd[:, None] * (w[None, :] * gn - (xhat * c1[:, None] + c2[:, None]))
+            g = tl.where(mask, g, 0.0)
+            tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
+            gnw = tl.sum(gn * xhat, axis=0)
+            gnb = tl.sum(gn, axis=0)
+            if ATOMIC:
+                tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask)
+                tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask)
+            else:
+                tl.store(gnw_ptr + slot * D + cols, gnw, mask=col_mask)
+                tl.store(gnb_ptr + slot * D + cols, gnb, mask=col_mask)
+        wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+        ga = tl.dot(g, wu.to(tl.float32), ga, input_precision=DOT_PRECISION)
+        gwu = scale * tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
+        gbu = scale * tl.sum(g, axis=0)
+        gwu_offs = slot * D * R + cols[:, None] * R + ranks[None, :]
+        gwu_mask = col_mask[:, None] & rank_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask)
+            tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask)
+        else:
+            tl.store(gwu_ptr + gwu_offs, gwu, mask=gwu_mask)
+            tl.store(gbu_ptr + slot * D + cols, gbu, mask=col_mask)
+    gh = scale * ga * gelu_grad(h)  # rows past M have g = 0, hence gh = 0
+    gbd = tl.sum(gh, axis=0)
+    if ATOMIC:
+        tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask)
+    else:
+        tl.store(gbd_ptr + slot * R + ranks, gbd, mask=rank_mask)
+    if HAS_NORM and X_IS_BASE:
+        tl.debug_barrier()  # pass C reads g back from gres
+    # pass C: grad_x = gh W_d (+ g) and the partial gradient of W_d
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row_off + cols[None, :]
+        wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        gx = tl.dot(gh, wd.to(tl.float32), input_precision=DOT_PRECISION)
+        if X_IS_BASE:
+            if HAS_NORM:
+                gx += tl.load(gres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                gx += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gwd = tl.dot(tl.trans(gh), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
+        gwd_offs = slot * R * D + ranks[:, None] * D + cols[None, :]
+        gwd_mask = rank_mask[:, None] & col_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask)
+        else:
+            tl.store(gwd_ptr + gwd_offs, gwd, mask=gwd_mask)
+
+
+def _tiles(M: int, D: int, R: int, block_m=None, block_d=None):
+    """(BLOCK_M, BLOCK_D, BLOCK_R): more rows per program at larger rank, so the weights are re-read less."""
+    block_r = block_size(R, lo=16, hi=64 if R <= 64 else triton.next_power_of_2(R))
+    block_m = block_m or block_size(M, lo=16, hi=64 if block_r <= 16 else 128)
+    block_d = block_d or block_size(D, lo=16, hi=128 if block_m <= 64 else 64)
+    return block_m, block_d, block_r
+
+
+def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, *, block_m=None, block_d=None):
+    """Launcher for gist_fast::adapter_fwd: returns out, normed, mean, rstd (the last three empty without a norm)."""
+    M, D = x.shape
+    R = w_down.shape[0]
+    dtype = x.dtype
+    for t in (base, branch):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    out = torch.empty((M, D), dtype=dtype, device=x.device)
+    has_norm = norm_weight is not None
+    if has_norm:
+        normed = torch.empty_like(out)
+        mean = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    else:
+        normed = out.new_empty((0,))
+        mean, rstd = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
+    if M == 0:
+        return out, normed, mean, rstd
+    bm, bd, br = _tiles(M, D, R, block_m, block_d)
+    _adapter_fwd_kernel[(triton.cdiv(M, bm),)](
+        x, base if base is not None else x, branch if branch is not None else x,
+        w_down, b_down, w_up, b_up, out,
+        normed if has_norm else out, norm_weight if has_norm else b_up, norm_bias if has_norm else b_up,
+        mean if has_norm else out, rstd if has_norm else out,
+        M, D, R, float(scale), float(eps),
+        HAS_BASE=base is not None, HAS_BRANCH=branch is not None, HAS_NORM=has_norm,
+        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps(bm * bd),
+    )
+    return out, normed, mean, rstd
+
+
+def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
+                *, block_m=None, block_d=None, atomic=None):
+    """Launcher for gist_fast::adapter_bwd: grad_x, grad_residual, the four adapter weight gradients and the two
+    LayerNorm affine gradients. Weight gradients: deterministic per-program fp32 partials summed in a fixed order,
+    or (rank > 16, where those partials would outweigh the activations) fp32 atomics."""
+    M, D = x.shape
+    R = w_down.shape[0]
+    has_norm = norm_weight is not None
+    dev = x.device
+    bm, bd, br = _tiles(M, D, R, block_m, block_d)
+    grid = triton.cdiv(M, bm)
+    atomic = (R > 16) if atomic is None else atomic
+    slots = 1 if atomic else max(grid, 1)
+    alloc = torch.zeros if atomic or M == 0 else torch.empty
+    gwd = alloc((slots, R, D), dtype=torch.float32, device=dev)
+    gbd = alloc((slots, R), dtype=torch.float32, device=dev)
+    gwu = alloc((slots, D, R), dtype=torch.float32, device=dev)
+    gbu = alloc((slots, D), dtype=torch.float32, device=dev)
+    gnw = alloc((slots, D) if has_norm else (0,), dtype=torch.float32, device=dev)
+    gnb = alloc((slots, D) if has_norm else (0,), dtype=torch.float32, device=dev)
+    grad_x = torch.empty_like(x)
+    grad_res = torch.empty_like(grad_out) if has_norm else grad_out.new_empty((0,))
+    if M > 0:
+        _adapter_bwd_kernel[(grid,)](
+            grad_out, grad_normed if has_norm else grad_out, x, w_down, b_down, w_up,
+            out if has_norm else x, norm_weight if has_norm else b_down,
+            mean if has_norm else gbd, rstd if has_norm else gbd,
+            grad_x, grad_res if has_norm else grad_x,
+            gwd, gbd, gwu, gbu, gnw if has_norm else gbu, gnb if has_norm else gbu,
+            M, D, R, float(scale),
+            HAS_NORM=has_norm, X_IS_BASE=bool(x_is_base), ATOMIC=atomic,
+            BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps(bm * bd),
+        )
+    return (
+        grad_x, grad_res,
+        gwd.sum(0).to(w_down.dtype), gbd.sum(0).to(b_down.dtype), gwu.sum(0).to(w_up.dtype), gbu.sum(0).to(w_up.dtype),
+        gnw.sum(0) if has_norm else gnw, gnb.sum(0) if has_norm else gnb,
+    )

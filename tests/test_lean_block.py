@@ -1,0 +1,188 @@
+"""The lean block path (gist_fast.lean_block) against the eager reference block: forward and every
+gradient, fp32 and bf16 autocast, odd token counts, upstream gradients != 1, DropPath, fallbacks."""
+import copy
+
+import pytest
+import torch
+
+import gist_fast
+from gist_fast import lean_block
+from tiny import images, tiny_vit
+
+# img 40 / patch 8: 25 patches + CLS + gist = 27 tokens (odd)
+KW = dict(img_size=40, drop_path_rate=0.0)
+
+
+def _pair(peft="adapter", memory="lean", gist=True, seed=3, dtype=torch.float32, **kw):
+    base = tiny_vit(seed=seed, **{**KW, **kw})
+    ref = gist_fast.patch(copy.deepcopy(base), peft=peft, gist=gist, fused=False, verbose=False)
+    lean = gist_fast.patch(copy.deepcopy(base), peft=peft, gist=gist, fused="auto", memory=memory, verbose=False)
+    lean.load_state_dict(ref.state_dict())
+    for m in (ref, lean):
+        m.to(dtype).train()
+        if gist:
+            m.gist_drop.p = 0.0
+    return ref, lean
+
+
+def _grads(model, x, target, amp, weight):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        out = model(x)
+        logits = torch.cat(list(out), 1) if isinstance(out, tuple) else out
+        loss = (logits.float() * weight).sum() + gist_fast.GistLoss(fused=False)(out, target) if isinstance(out, tuple) \
+            else (logits.float() * weight).sum()
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads["input"] = x.grad.float().clone()
+    return logits.detach().float(), grads
+
+
+def _check(ref, lean, amp, oracle=None):
+    x, target = images(4, size=40), torch.tensor([0, 1, 2, 3])
+    weight = torch.randn(4, 10 if isinstance(ref(x), tuple) else 5, generator=torch.Generator().manual_seed(7)) \
+        if False else None
+    n_out = 10 if ref.gist_fast_config.gist else 5
+    weight = torch.randn(4, n_out, generator=torch.Generator().manual_seed(7))  # upstream gradients != 1
+    out_ref, g_ref = _grads(ref, x, target, amp, weight)
+    out_lean, g_lean = _grads(lean, x, target, amp, weight)
+    if oracle is None:
+        torch.testing.assert_close(out_lean, out_ref, rtol=1e-5, atol=1e-5)
+        for name in g_ref:
+            torch.testing.assert_close(g_lean[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        return
+    out_64, g_64 = oracle
+    assert (out_lean - out_64).abs().max() <= 2 * (out_ref - out_64).abs().max() + 1e-3
+    for name in g_ref:
+        err_ref = (g_ref[name] - g_64[name]).abs().max()
+        err = (g_lean[name] - g_64[name]).abs().max()
+        assert err <= 2 * err_ref + 1e-3 * g_64[name].abs().max(), (name, err, err_ref)
+
+
+@pytest.mark.parametrize("memory", ["lean", "min"])
+@pytest.mark.parametrize("peft", ["adapter", "adaptformer"])
+def test_fp32_matches_reference(peft, memory):
+    ref, lean = _pair(peft, memory)
+    _check(ref, lean, amp=False)
+
+
+@pytest.mark.parametrize("memory", ["lean", "min"])
+def test_no_gist_and_layerscale(memory):
+    ref, lean = _pair("adapter", memory, gist=False, init_values=0.5)
+    _check(ref, lean, amp=False)
+
+
+@pytest.mark.parametrize("memory", ["lean", "min"])
+@pytest.mark.parametrize("peft", ["adapter", "adaptformer"])
+def test_bf16_autocast_within_twice_reference_error(peft, memory):
+    ref, lean = _pair(peft, memory)
+    ref64 = copy.deepcopy(ref).double()
+    x, target = images(4, size=40), torch.tensor([0, 1, 2, 3])
+    weight = torch.randn(4, 10, generator=torch.Generator().manual_seed(7))
+    ref64.zero_grad()
+    x64 = x.double().requires_grad_()
+    out = ref64(x64)
+    loss = (torch.cat(list(out), 1) * weight.double()).sum() + gist_fast.GistLoss(fused=False)(out, target)
+    loss.backward()
+    g64 = {n: p.grad.float() for n, p in ref64.named_parameters() if p.requires_grad}
+    g64["input"] = x64.grad.float()
+    _check(ref, lean, amp=True, oracle=(torch.cat(list(out), 1).detach().float(), g64))
+
+
+def test_bf16_model_runs_and_matches_reference():
+    ref, lean = _pair("adapter", "lean", dtype=torch.bfloat16)
+    x = images(4, size=40).bfloat16()
+    torch.testing.assert_close(lean(x).logits, ref(x).logits, rtol=5e-2, atol=5e-2)
+
+
+def test_trainable_layernorms_get_gradients():
+    ref, lean = _pair("adapter", "lean")
+    for m in (ref, lean):
+        for b in m.blocks:
+            for n in (b.norm1, b.norm2):
+                n.weight.requires_grad_(True)
+                n.bias.requires_grad_(True)
+    _check(ref, lean, amp=False)
+
+
+def test_drop_path_same_masks_as_timm():
+    ref, lean = _pair("adapter", "lean", drop_path_rate=0.3)
+    assert lean_block.unsupported_reason(lean.blocks[1]) is None
+    x, target = images(6, size=40), torch.tensor([0, 1, 2, 3, 4, 0])
+    results = []
+    for m in (ref, lean):
+        torch.manual_seed(11)
+        m.zero_grad()
+        out = m(x)
+        gist_fast.GistLoss(fused=False)(out, target).backward()
+        results.append((out.logits.detach(), m.blocks[0].adapter.down.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the masks really drop something
+        torch.manual_seed(12)
+        a = lean(x).logits
+        torch.manual_seed(13)
+        assert not torch.allclose(a, lean(x).logits)
+
+
+def test_eval_and_no_grad_match():
+    ref, lean = _pair("adapter", "lean")
+    ref.eval(), lean.eval()
+    x = images(3, size=40)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_on_attention_dropout():
+    ref, lean = _pair("adapter", "lean", attn_drop_rate=0.1)
+    calls = []
+    orig = lean_block._LeanBlock.apply
+
+    def spy(*a):
+        calls.append(1)
+        return orig(*a)
+
+    lean_block._LeanBlock.apply = spy
+    try:
+        x = images(2, size=40)
+        lean.train()
+        gist_fast.GistLoss(fused=False)(lean(x), torch.tensor([0, 1])).backward()
+        assert not calls  # training with attention dropout: the eager block
+        lean.blocks[0].attn.attn_drop.p = 0.0
+        lean.blocks[1].attn.attn_drop.p = 0.0
+        gist_fast.GistLoss(fused=False)(lean(x), torch.tensor([0, 1])).backward()
+        assert len(calls) == 2
+    finally:
+        lean_block._LeanBlock.apply = orig
+
+
+def test_adapter_contract_matches_reference():
+    """The plain-torch stand-in for the fused op's contract (used while a backend is missing)."""
+    from gist_fast import reference
+
+    torch.manual_seed(0)
+    M, D, r = 27, 24, 4
+    x, br = torch.randn(M, D, dtype=torch.float64, requires_grad=True), torch.randn(M, D, dtype=torch.float64, requires_grad=True)
+    wd, bd = (torch.randn(r, D, dtype=torch.float64) * 0.3).requires_grad_(), torch.randn(r, dtype=torch.float64).requires_grad_()
+    wu, bu = (torch.randn(D, r, dtype=torch.float64) * 0.3).requires_grad_(), torch.randn(D, dtype=torch.float64).requires_grad_()
+    nw, nb = torch.randn(D, dtype=torch.float64).requires_grad_(), torch.randn(D, dtype=torch.float64).requires_grad_()
+    out, normed = reference.adapter_norm(x, wd, bd, wu, bu, 0.1, nw, nb, 1e-6, branch=br)
+    go, gn = torch.randn_like(out), torch.randn_like(out)
+    want = torch.autograd.grad([out, normed], [x, br, wd, bd, wu, bu, nw, nb], [go, gn])
+    o, n, mean, rstd = lean_block._adapter_fwd_torch(x.detach(), wd.detach(), bd.detach(), wu.detach(), bu.detach(), 0.1,
+                                                     None, br.detach(), nw.detach(), nb.detach(), 1e-6)
+    torch.testing.assert_close(o, out.detach())
+    torch.testing.assert_close(n, normed.detach())
+    got = lean_block._adapter_bwd_torch(go, gn, x.detach(), wd.detach(), bd.detach(), wu.detach(), 0.1, o, nw.detach(),
+                                        mean, rstd, True)
+    for g, w in zip(got[:1] + got[1:2] + got[2:], want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-8)
+
+
+def test_patch_memory_argument():
+    with pytest.raises(ValueError, match="memory must be"):
+        gist_fast.patch(tiny_vit(), memory="tiny", verbose=False)
+    assert gist_fast.patch(tiny_vit(), fused=False, verbose=False).gist_fast_config.memory is None
+    assert gist_fast.patch(tiny_vit(), peft="ln", verbose=False).gist_fast_config.memory is None
+    assert gist_fast.patch(tiny_vit(), memory="min", verbose=False).gist_fast_config.memory == "min"
