@@ -77,6 +77,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     x.add_argument("--eval-every", type=int, help="evaluate every N epochs (1) and always after the last")
     x.add_argument("--output", help="folder for log.jsonl, last.pt, best.pt, result.json (runs/train)")
     x.add_argument("--stop-after-steps", type=int, help="stop after N steps with a resumable checkpoint")
+    x.add_argument("--memory-budget", help="e.g. 16GiB: run each batch's backward in the largest micro-batches "
+                   "that fit (gist_fast.fit_micro_batch) and accumulate, the same update as the whole batch")
     x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

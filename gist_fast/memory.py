@@ -153,7 +153,13 @@ def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, samp
     `headroom` of the budget (the rest is left to transient buffers of the backward). On CUDA with
     probe (default on CUDA), the estimate is then checked by running steps and reading
     torch.cuda.max_memory_allocated, halving until it fits (gradients are zeroed afterwards)."""
-    budget = parse_bytes(memory_budget_bytes)
+    devices = [sample.device] if sample.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the probing forwards must not shift the training's dropout stream
+        return _fit_micro_batch(model, batch_size, parse_bytes(memory_budget_bytes), sample, autocast_dtype, loss_fn,
+                                optimizer_states, headroom, probe)
+
+
+def _fit_micro_batch(model, batch_size, budget, sample, autocast_dtype, loss_fn, optimizer_states, headroom, probe):
     report = activation_bytes(model, sample, loss_fn, autocast_dtype)
     free = budget * headroom - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
     micro = int(max(1, min(batch_size, free // max(report.per_image, 1.0))))

@@ -11,7 +11,7 @@ import gist_fast
 from gist_fast import cli
 from gist_fast.training import models
 from gist_fast.training.recipe import TrainConfig, resolve
-from train_helpers import TINY, make_task, train
+from train_helpers import TINY, make_task, train, trained_tensors
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,13 @@ def test_bench_is_dispatched_with_its_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "gist_fast.bench", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
     monkeypatch.setattr(gist_fast, "bench", sys.modules["gist_fast.bench"], raising=False)
     assert cli.main(["bench", "--quick", "x"]) == 0 and seen == [["--quick", "x"]]
+
+
+def test_memory_budget_accumulates_to_the_same_update(root, tmp_path, capsys):
+    assert train(root, tmp_path / "whole", "--framework", "adapter") == 0
+    assert train(root, tmp_path / "budget", "--framework", "adapter", "--memory-budget", "700kB") == 0
+    micro = int(capsys.readouterr().out.split("micro-batches of ")[1].split()[0])
+    assert 1 < micro < 8  # the budget really splits the batch of 8 (unevenly: each share weighted)
+    whole, budget = trained_tensors(tmp_path / "whole" / "last.pt"), trained_tensors(tmp_path / "budget" / "last.pt")
+    for name, t in whole.items():
+        torch.testing.assert_close(budget[name], t, rtol=1e-5, atol=1e-6, msg=name)

@@ -91,6 +91,17 @@ class Trainer:
             self._restore(resume)
         self.stop_signal: Optional[int] = None
         self.steps_this_run = 0
+        self.micro_batch = self._fit_micro_batch() if cfg.memory_budget else self.local_batch
+
+    def _fit_micro_batch(self) -> int:
+        """The largest micro-batch of the student's step within --memory-budget (the estimate
+        covers the student; an iDAT teacher is smaller)."""
+        sample = torch.stack([self.train_set[i][0] for i in range(min(4, len(self.train_set)))]).to(self.device)
+        micro = gist_fast.fit_micro_batch(self.student, self.local_batch, self.cfg.memory_budget, sample,
+                                          autocast_dtype=AMP_DTYPES.get(self.amp))
+        if self.main:
+            print(f"--memory-budget {self.cfg.memory_budget}: micro-batches of {micro} of {self.local_batch} images per process")
+        return micro
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
         # its own generator: starting an epoch's iterator must not draw from the global RNG, or a
@@ -175,7 +186,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # -- the loop -----------------------------------------------------------------------------
-    def _step(self, images: torch.Tensor, target: torch.Tensor):
+    def _loss(self, images: torch.Tensor, target: torch.Tensor):
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp != "none"):
             out = self.wrapped[0](images)
             logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
@@ -185,13 +196,24 @@ class Trainer:
                 loss = self.loss_fn(gist_fast.GistOutput(out[0].float(), out[1].float()), target)
             else:
                 loss = F.cross_entropy(logits.float(), target)
+        return loss, (logits.detach().argmax(-1) == target).sum()
+
+    def _step(self, images: torch.Tensor, target: torch.Tensor):
+        """One optimizer step; with a memory budget the backward runs in micro-batches, each loss
+        weighted by its share of the batch (training targets have no ignored rows)."""
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total, correct = 0.0, 0
+        for start in range(0, len(target), self.micro_batch):
+            part = slice(start, start + self.micro_batch)
+            loss, right = self._loss(images[part], target[part])
+            loss = loss * (len(target[part]) / len(target))
+            self.scaler.scale(loss).backward()  # DDP reduces each micro-batch's gradients: correct, not fastest
+            total, correct = total + loss.detach(), correct + right
         for o in self.optimizers:
             self.scaler.step(o)
         self.scaler.update()
-        return loss.detach(), (logits.detach().argmax(-1) == target).sum()
+        return total, correct
 
     def _should_stop(self) -> bool:
         limit = self.cfg.stop_after_steps

@@ -43,7 +43,7 @@ EMBEDDED = dict(model="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, pat
                 teacher_kwargs=dict(img_size=32, patch_size=16, depth=4, embed_dim=96, num_heads=3),
                 epochs=8, cooldown_epochs=0, warmup_epochs=1, lr=1e-2, weight_decay=5e-5, drop_path=0.0)
 # Options that only say how/where to run: a resumed run may change them, nothing else.
-RUNTIME_OPTIONS = ("device", "workers", "output", "stop_after_steps", "progress", "eval_every")
+RUNTIME_OPTIONS = ("device", "workers", "output", "stop_after_steps", "progress", "eval_every", "memory_budget")
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 1
     output: str = "runs/train"
     stop_after_steps: Optional[int] = None  # stop (resumably) after this many steps in this invocation
+    memory_budget: Optional[str] = None   # e.g. "16GiB": backward in micro-batches that fit, same update
     progress: bool = True
 
     @property
