@@ -20,6 +20,9 @@ python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'trito
 stage "install"
 timeout "${T_INSTALL:-150}" python3 -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || stage "install FAILED (rc $?)"
 
+# optional baselines carried as wheels (the GPU machine has no index): liger-kernel for the loss benchmark
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps .whl/*.whl >>"$LOG" 2>&1
+
 stage "tests: gpu-marked, then the whole suite on CUDA"
 {
   timeout "${T_TESTS:-180}" python3 -m pytest -q -x -m gpu -p no:cacheprovider tests 2>&1 | tail -n 30
@@ -35,11 +38,14 @@ mkdir -p "$RES"
 stage "micro-benchmarks (benchmarks/bench_*.py except bench_e2e.py)"
 for f in benchmarks/bench_*.py; do
   [ -e "$f" ] || continue
-  [ "$(basename "$f")" = bench_e2e.py ] && continue
+  case "$(basename "$f")" in bench_e2e.py|bench_gpu_ops.py) continue ;; esac
   name=$(basename "$f" .py)
   timeout "${T_MICRO:-90}" python3 -m pytest -q -p no:cacheprovider "$f" --benchmark-json="$RES/$name.json" >>"$LOG" 2>&1 \
     || echo "$f: rc $?" | tee -a "$LOG"
 done
+
+stage "fused ops on the GPU (do_bench vs eager, torch.compile, Liger-Kernel if installed)"
+timeout "${T_MICRO:-90}" python3 benchmarks/bench_gpu_ops.py --out "$RES" >>"$LOG" 2>&1 || stage "bench_gpu_ops rc $?"
 
 stage "saved activations (vit_base)"
 timeout 120 python3 benchmarks/activation_memory.py vit_base_patch16_224 >"$OUT/activation_memory.md" 2>>"$LOG"

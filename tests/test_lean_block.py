@@ -158,8 +158,9 @@ def test_falls_back_on_attention_dropout():
 
 
 def test_adapter_contract_matches_reference():
-    """The plain-torch stand-in for the fused op's contract (used while a backend is missing)."""
+    """The fused op's contract in plain torch (its backend on other devices)."""
     from gist_fast import reference
+    from gist_fast.ops import adapter_torch
 
     torch.manual_seed(0)
     M, D, r = 27, 24, 4
@@ -170,11 +171,11 @@ def test_adapter_contract_matches_reference():
     out, normed = reference.adapter_norm(x, wd, bd, wu, bu, 0.1, nw, nb, 1e-6, branch=br)
     go, gn = torch.randn_like(out), torch.randn_like(out)
     want = torch.autograd.grad([out, normed], [x, br, wd, bd, wu, bu, nw, nb], [go, gn])
-    o, n, mean, rstd = lean_block._adapter_fwd_torch(x.detach(), wd.detach(), bd.detach(), wu.detach(), bu.detach(), 0.1,
+    o, n, mean, rstd = adapter_torch.adapter_fwd(x.detach(), wd.detach(), bd.detach(), wu.detach(), bu.detach(), 0.1,
                                                      None, br.detach(), nw.detach(), nb.detach(), 1e-6)
     torch.testing.assert_close(o, out.detach())
     torch.testing.assert_close(n, normed.detach())
-    got = lean_block._adapter_bwd_torch(go, gn, x.detach(), wd.detach(), bd.detach(), wu.detach(), 0.1, o, nw.detach(),
+    got = adapter_torch.adapter_bwd(go, gn, x.detach(), wd.detach(), bd.detach(), wu.detach(), 0.1, o, nw.detach(),
                                         mean, rstd, True)
     for g, w in zip(got[:1] + got[1:2] + got[2:], want):
         torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-8)

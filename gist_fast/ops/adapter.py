@@ -4,7 +4,8 @@
     normed = LayerNorm(out)                                                    (optional, for norm2)
 
 One autograd formula for every device; the backward recomputes the rank-r bottleneck instead of
-saving it. Backends: Triton (kernels/adapter.py) on CUDA, C++ (csrc/adapter.cpp) on CPU.
+saving it. Backends: Triton (kernels/adapter.py) on CUDA, C++ (csrc/adapter.cpp) on CPU, and the
+same contract in plain torch (adapter_torch.py) elsewhere, which the memory-lean block relies on.
 """
 from typing import Optional, Tuple
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gist_fast import reference
-from gist_fast.ops import _backend
+from gist_fast.ops import _backend, adapter_torch
 
 _EMPTY = (0,)
 
@@ -23,7 +24,9 @@ def _impl(t: Tensor):
         from gist_fast.kernels import adapter as triton_adapter
 
         return triton_adapter.adapter_fwd, triton_adapter.adapter_bwd
-    return torch.ops.gist_fast.adapter_fwd_cpu, torch.ops.gist_fast.adapter_bwd_cpu
+    if backend == "cpp":
+        return torch.ops.gist_fast.adapter_fwd_cpu, torch.ops.gist_fast.adapter_bwd_cpu
+    return adapter_torch.adapter_fwd, adapter_torch.adapter_bwd  # any other device: the same math in torch
 
 
 @torch.library.custom_op("gist_fast::adapter_fwd", mutates_args=())

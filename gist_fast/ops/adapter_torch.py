@@ -1,0 +1,57 @@
+"""The fused adapter op's contract (gist_fast::adapter_fwd / adapter_bwd) in plain PyTorch: its
+backend on devices that neither Triton nor the C++ ops serve, with the same fp32 math."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EMPTY = (0,)
+
+
+def _up(t: Tensor) -> Tensor:
+    """At least fp32 (the op computes in fp32; float64 stays float64 for the tests' oracle)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps):
+    """out = base + branch + scale (W_up GELU(W_down x + b_down) + b_up), normed = LN(out); fp32 math."""
+    dtype = x.dtype
+    for t in (base, branch):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    xf = _up(x)
+    bottleneck = F.linear(F.gelu(F.linear(xf, _up(w_down), _up(b_down))), _up(w_up), _up(b_up))
+    out = (xf if base is None else _up(base)) + scale * bottleneck
+    if branch is not None:
+        out = out + _up(branch)
+    out = out.to(dtype)
+    if norm_weight is None:
+        empty = x.new_empty(_EMPTY, dtype=torch.float32)
+        return out, x.new_empty(_EMPTY, dtype=dtype), empty, empty.clone()
+    normed, mean, rstd = torch.native_layer_norm(out, out.shape[-1:], norm_weight.to(dtype), norm_bias.to(dtype), eps)
+    return out, normed, _up(mean.view(-1)), _up(rstd.view(-1))
+
+
+def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base):
+    """The gradients of adapter_fwd (the op's contract): grad_x (with the residual when
+    x_is_base), grad_residual (total gradient at out, when a norm is fused), weight gradients, norm
+    weight/bias gradients (fp32)."""
+    g = _up(grad_out)
+    empty = x.new_empty(_EMPTY, dtype=torch.float32)
+    g_nw = g_nb = empty
+    if norm_weight is not None:
+        w = norm_weight.to(out.dtype)
+        gx, g_nw, g_nb = torch.ops.aten.native_layer_norm_backward(
+            grad_normed.to(out.dtype), out, out.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w, (True, True, True))
+        g, g_nw, g_nb = g + _up(gx), _up(g_nw), _up(g_nb)
+    xf = _up(x)
+    z = F.linear(xf, _up(w_down), _up(b_down))
+    act = F.gelu(z)
+    g_bu = scale * g.sum(0)
+    g_wu = scale * (g.t() @ act)
+    dz = torch.ops.aten.gelu_backward(scale * (g @ _up(w_up)), z)
+    grad_x = dz @ _up(w_down)
+    if x_is_base:
+        grad_x = grad_x + g
+    residual = g.to(grad_out.dtype) if norm_weight is not None else grad_out.new_empty(_EMPTY)
+    return (grad_x.to(x.dtype), residual, (dz.t() @ xf).to(w_down.dtype), dz.sum(0).to(b_down.dtype),
+            g_wu.to(w_up.dtype), g_bu.to(w_up.dtype), g_nw, g_nb)
