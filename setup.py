@@ -17,7 +17,9 @@ if os.environ.get("GIST_FAST_NO_EXT", "0") != "1":
             "gist_fast._C",
             sorted(glob.glob("csrc/*.cpp")),
             # -fno-trapping-math lets the compiler if-convert the branch-free exp of csrc/common.h
-            # (PyTorch builds with the same two flags); no -march: the library runs on any x86-64.
+            # (PyTorch builds with the same two flags); no -march: the library runs on any x86-64,
+            # and the hot row kernels get AVX2 / AVX-512 clones chosen at load time instead
+            # (GIST_FAST_CLONES in csrc/common.h).
             extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
         )

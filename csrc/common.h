@@ -1,6 +1,8 @@
 // Helpers shared by the C++ CPU ops: row loads/stores in any float dtype (fp32 math) and an exp that
 // the compiler vectorises. Plain loops over contiguous float buffers: -O3 vectorises them for the
-// baseline x86-64 ISA, so the build runs on any x86-64 machine.
+// baseline x86-64 ISA, so the build runs on any x86-64 machine; the hot row kernels are marked
+// GIST_FAST_CLONES, which also compiles them for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) and
+// picks the best one for the running CPU when the library loads (GCC function multi-versioning).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +11,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GIST_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GIST_FAST_CLONES
+#endif
 
 namespace gist_fast {
 
@@ -17,68 +29,202 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-template <typename T>
-inline void load_row_t(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+#define GIST_FAST_INLINE inline __attribute__((always_inline))
 
-template <typename T>
-inline void add_row_t(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(src[i]);
-}
-
-template <typename T>
-inline void store_row_t(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-// dst[0:n] = float(row `row` of the contiguous 2-D tensor t); t's dtype is fp32, bf16 or fp16.
-inline void load_row(const at::Tensor& t, int64_t row, float* dst, int64_t n) {
-  switch (t.scalar_type()) {
-    case at::kFloat: std::memcpy(dst, t.const_data_ptr<float>() + row * n, n * sizeof(float)); break;
-    case at::kBFloat16: load_row_t(t.const_data_ptr<at::BFloat16>() + row * n, dst, n); break;
-    case at::kHalf: load_row_t(t.const_data_ptr<at::Half>() + row * n, dst, n); break;
-    default: TORCH_CHECK(false, "gist_fast: unsupported dtype ", t.scalar_type());
-  }
-}
-
-// dst[0:n] += float(row `row` of t).
-inline void add_row(const at::Tensor& t, int64_t row, float* dst, int64_t n) {
-  switch (t.scalar_type()) {
-    case at::kFloat: add_row_t(t.const_data_ptr<float>() + row * n, dst, n); break;
-    case at::kBFloat16: add_row_t(t.const_data_ptr<at::BFloat16>() + row * n, dst, n); break;
-    case at::kHalf: add_row_t(t.const_data_ptr<at::Half>() + row * n, dst, n); break;
-    default: TORCH_CHECK(false, "gist_fast: unsupported dtype ", t.scalar_type());
-  }
-}
-
-// row `row` of t = src[0:n], rounded once to t's dtype.
-inline void store_row(const float* src, at::Tensor& t, int64_t row, int64_t n) {
-  switch (t.scalar_type()) {
-    case at::kFloat: std::memcpy(t.mutable_data_ptr<float>() + row * n, src, n * sizeof(float)); break;
-    case at::kBFloat16: store_row_t(src, t.mutable_data_ptr<at::BFloat16>() + row * n, n); break;
-    case at::kHalf: store_row_t(src, t.mutable_data_ptr<at::Half>() + row * n, n); break;
-    default: TORCH_CHECK(false, "gist_fast: unsupported dtype ", t.scalar_type());
-  }
-}
-
-inline float bits_to_float(int32_t i) {
+GIST_FAST_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
 
-inline int32_t float_to_bits(float f) {
+GIST_FAST_INLINE int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
 }
 
+// Scalar conversions usable inside the clones (c10's are not always inlined there): bf16 by its
+// bits (round to nearest even, NaN kept), fp16 through _Float16.
+GIST_FAST_INLINE float to_f32(float v) { return v; }
+GIST_FAST_INLINE float to_f32(double v) { return static_cast<float>(v); }
+GIST_FAST_INLINE float to_f32(at::BFloat16 v) { return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(v.x) << 16)); }
+#if defined(__FLT16_MAX__)  // the compiler has _Float16 (GCC >= 12 / clang >= 15 on x86-64)
+#define GIST_FAST_HAS_FLOAT16 1
+using f16_t = _Float16;
+#else
+using f16_t = at::Half;
+#endif
+GIST_FAST_INLINE float to_f32(at::Half v) {
+#if GIST_FAST_HAS_FLOAT16
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof h);
+  return static_cast<float>(h);
+#else
+  return static_cast<float>(v);
+#endif
+}
+template <typename T>
+GIST_FAST_INLINE T from_f32(float v);
+template <>
+GIST_FAST_INLINE float from_f32<float>(float v) { return v; }
+template <>
+GIST_FAST_INLINE double from_f32<double>(float v) { return v; }
+template <>
+GIST_FAST_INLINE at::BFloat16 from_f32<at::BFloat16>(float v) {
+  const uint32_t u = static_cast<uint32_t>(float_to_bits(v));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return at::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), at::BFloat16::from_bits());
+}
+template <>
+GIST_FAST_INLINE at::Half from_f32<at::Half>(float v) {
+#if GIST_FAST_HAS_FLOAT16
+  const _Float16 h = static_cast<_Float16>(v);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof bits);
+  return at::Half(bits, at::Half::from_bits());
+#else
+  return static_cast<at::Half>(v);
+#endif
+}
+
+// Row conversions, written on the raw bits so that they vectorise: bf16 -> fp32 is a shift, fp32 ->
+// bf16 rounds to nearest even (NaN stays a quiet NaN), as c10::BFloat16 does; fp16 goes through
+// _Float16 (F16C instructions in the AVX2 / AVX-512 clones).
+GIST_FAST_CLONES static void bf16_to_f32(const uint16_t* __restrict src, float* __restrict dst, int64_t n, bool add) {
+  if (add) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] += bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(src[i]) << 16));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(src[i]) << 16));
+  }
+}
+
+GIST_FAST_CLONES static void f32_to_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(float_to_bits(src[i]));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7fc0u : rounded);
+  }
+}
+
+GIST_FAST_CLONES static void f16_to_f32(const f16_t* __restrict src, float* __restrict dst, int64_t n, bool add) {
+  if (add) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(src[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+GIST_FAST_CLONES static void f32_to_f16(const float* __restrict src, f16_t* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<f16_t>(src[i]);
+}
+
+GIST_FAST_CLONES static void f32_add(const float* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+inline void load_row_t(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void load_row_t(const at::BFloat16* src, float* dst, int64_t n) {
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n, false);
+}
+inline void load_row_t(const at::Half* src, float* dst, int64_t n) {
+  f16_to_f32(reinterpret_cast<const f16_t*>(src), dst, n, false);
+}
+inline void add_row_t(const float* src, float* dst, int64_t n) { f32_add(src, dst, n); }
+inline void add_row_t(const at::BFloat16* src, float* dst, int64_t n) {
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n, true);
+}
+inline void add_row_t(const at::Half* src, float* dst, int64_t n) {
+  f16_to_f32(reinterpret_cast<const f16_t*>(src), dst, n, true);
+}
+inline void store_row_t(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row_t(const float* src, at::BFloat16* dst, int64_t n) {
+  f32_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+}
+inline void store_row_t(const float* src, at::Half* dst, int64_t n) {
+  f32_to_f16(src, reinterpret_cast<f16_t*>(dst), n);
+}
+
+// A contiguous 2-D tensor's rows in fp32/bf16/fp16, read and written as fp32 rows; the data pointer
+// and dtype are looked up once (not per row).
+struct Rows {
+  void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t n = 0;  // row length
+
+  Rows() = default;
+  explicit Rows(const at::Tensor& t) : data(const_cast<void*>(t.const_data_ptr())), dtype(t.scalar_type()), n(t.size(-1)) {
+    TORCH_CHECK(is_supported_float(dtype), "gist_fast: unsupported dtype ", dtype);
+  }
+
+  // Hint the cache to fetch row `row` (the row loops stream several tensors at once and stalled
+  // on their loads without it).
+  void prefetch(int64_t row) const {
+    const size_t bytes = static_cast<size_t>(n) * c10::elementSize(dtype);
+    const char* p = static_cast<const char*>(data) + row * bytes;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  }
+  // dst[0:n] = float(row `row`).
+  void load(int64_t row, float* dst) const {
+    switch (dtype) {
+      case at::kFloat: load_row_t(static_cast<const float*>(data) + row * n, dst, n); break;
+      case at::kBFloat16: load_row_t(static_cast<const at::BFloat16*>(data) + row * n, dst, n); break;
+      default: load_row_t(static_cast<const at::Half*>(data) + row * n, dst, n); break;
+    }
+  }
+  // dst[0:n] += float(row `row`).
+  void add(int64_t row, float* dst) const {
+    switch (dtype) {
+      case at::kFloat: add_row_t(static_cast<const float*>(data) + row * n, dst, n); break;
+      case at::kBFloat16: add_row_t(static_cast<const at::BFloat16*>(data) + row * n, dst, n); break;
+      default: add_row_t(static_cast<const at::Half*>(data) + row * n, dst, n); break;
+    }
+  }
+  // row `row` = src[0:n], rounded once to the dtype.
+  void store(const float* src, int64_t row) const {
+    switch (dtype) {
+      case at::kFloat: store_row_t(src, static_cast<float*>(data) + row * n, n); break;
+      case at::kBFloat16: store_row_t(src, static_cast<at::BFloat16*>(data) + row * n, n); break;
+      default: store_row_t(src, static_cast<at::Half*>(data) + row * n, n); break;
+    }
+  }
+};
+
+// at::empty for the ops' large outputs (rows x D activations and their gradients): at 4 MiB and
+// above the buffer is 2 MiB-aligned and marked MADV_HUGEPAGE, so that its first touch costs ~10
+// huge-page faults instead of ~5000 4 KiB ones (each step allocates these fresh; with 4 KiB pages
+// the faults took about as long as the op itself at D = 768, r = 4). What c10's allocator does for
+// every tensor under THP_MEM_ALLOC_ENABLE=1. Elsewhere (or when that fails) plain at::empty.
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (nbytes >= (size_t(4) << 20)) {
+    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, padded) == 0) {
+      madvise(p, padded, MADV_HUGEPAGE);
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 // exp(x) in fp32, written so that loops calling it vectorise (needs -fno-trapping-math, see
 // setup.py): Cephes expf, i.e. range reduction by ln 2, a degree-6 polynomial and 2^n built in the
 // exponent bits; about 1.5 ulp on [-87, 88]. exp(-inf) = 0 (results below 2^-126 flush to 0),
-// NaN stays NaN, x > 88.0 gives inf (the ops only call it on x <= 0).
-inline float vexp(float x) {
+// NaN stays NaN, x > 88.0 gives inf (the ops only call it on x <= 0). Always inlined: GCC does
+// not inline a plain function into the AVX2 / AVX-512 clones (different target arch).
+GIST_FAST_INLINE float vexp(float x) {
   float xc = x > -100.0f ? x : -100.0f;  // NaN becomes -100 here and is restored at the end
   xc = xc < 100.0f ? xc : 100.0f;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest

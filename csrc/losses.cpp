@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -36,17 +37,138 @@ struct LossParams {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Rows with at most this many classes keep their four exps per logit (exp(u), exp(u / T) of both
+// sets: 4 C floats, 256 KiB, L2-resident) from the sums pass for the gradient pass instead of
+// recomputing them.
+constexpr int64_t kCacheClasses = 16384;
+
+// One row: returns the loss and, when ga is set, writes d loss / d a and d loss / d b into ga, gb.
+// a, b: (C,) logits in T; t: the target (not ignore_index); cache: 4 C floats of scratch or null.
+// Compiled for AVX-512, AVX2+FMA and the baseline ISA (the exps dominate), chosen at load time.
+template <typename T, int MODE>
+GIST_FAST_CLONES float loss_row(const T* __restrict a, const T* __restrict b, int64_t t, int64_t classes, LossParams prm,
+                                T* __restrict ga, T* __restrict gb, float* __restrict cache) {
+  const float inv_t = prm.inv_temp, n = static_cast<float>(classes);
+  // Pass 1: row maxima (a NaN is skipped here and poisons the sums below).
+  float ma = kNegInf, mb = kNegInf;
+#pragma omp simd reduction(max : ma, mb)
+  for (int64_t k = 0; k < classes; ++k) {
+    const float fa = to_f32(a[k]), fb = to_f32(b[k]);
+    ma = fa > ma ? fa : ma;
+    mb = fb > mb ? fb : mb;
+  }
+  // Pass 2: S = Σ exp(z - m), S_T = Σ exp((z - m) / T), X = Σ e_T (u_T - u_T') (0 log 0 = 0).
+  float sa = 0.f, sb = 0.f, sat = 0.f, sbt = 0.f, xa = 0.f, xb = 0.f, sq = 0.f;
+  float *c_ea = cache, *c_eb = cache ? cache + classes : nullptr;
+  float *c_eat = cache ? cache + 2 * classes : nullptr, *c_ebt = cache ? cache + 3 * classes : nullptr;
+  if (MODE == kDistillMSE) {
+#pragma omp simd reduction(+ : sa, sb, sq)
+    for (int64_t k = 0; k < classes; ++k) {
+      const float fa = to_f32(a[k]), fb = to_f32(b[k]);
+      sa += vexp(fa - ma);
+      sb += vexp(fb - mb);
+      sq += (fa - fb) * (fa - fb);
+    }
+  } else if (cache) {
+#pragma omp simd reduction(+ : sa, sb, sat, sbt, xa, xb)
+    for (int64_t k = 0; k < classes; ++k) {
+      const float ua = to_f32(a[k]) - ma, ub = to_f32(b[k]) - mb;
+      const float uat = ua * inv_t, ubt = ub * inv_t;
+      const float ea = vexp(ua), eb = vexp(ub), eat = vexp(uat), ebt = vexp(ubt);
+      c_ea[k] = ea, c_eb[k] = eb, c_eat[k] = eat, c_ebt[k] = ebt;
+      sa += ea;
+      sb += eb;
+      sat += eat;
+      sbt += ebt;
+      if (MODE == kGist) xa += uat == kNegInf ? 0.f : eat * (uat - ubt);
+      xb += ubt == kNegInf ? 0.f : ebt * (ubt - uat);
+    }
+  } else {
+#pragma omp simd reduction(+ : sa, sb, sat, sbt, xa, xb)
+    for (int64_t k = 0; k < classes; ++k) {
+      const float ua = to_f32(a[k]) - ma, ub = to_f32(b[k]) - mb;
+      const float uat = ua * inv_t, ubt = ub * inv_t;
+      const float eat = vexp(uat), ebt = vexp(ubt);
+      sa += vexp(ua);
+      sb += vexp(ub);
+      sat += eat;
+      sbt += ebt;
+      if (MODE == kGist) xa += uat == kNegInf ? 0.f : eat * (uat - ubt);
+      xb += ubt == kNegInf ? 0.f : ebt * (ubt - uat);
+    }
+  }
+  const double lse_a = ma + std::log(static_cast<double>(sa)), lse_b = mb + std::log(static_cast<double>(sb));
+  const double ce_a = lse_a - to_f32(a[t]), ce_b = lse_b - to_f32(b[t]);
+  const double lsat = std::log(static_cast<double>(sat)), lsbt = std::log(static_cast<double>(sbt));
+  const double kl_pq = xa / static_cast<double>(sat) - lsat + lsbt;  // KL(p||q), GIST only
+  const double kl_qp = xb / static_cast<double>(sbt) - lsbt + lsat;  // KL(q||p)
+  double loss;
+  if (MODE == kGist)
+    loss = ce_a + prm.gist_weight * ce_b + prm.kl_weight * (kl_pq + kl_qp);
+  else if (MODE == kDistillKL)
+    loss = ce_a + ce_b + kl_qp;
+  else
+    loss = ce_a + ce_b + sq / static_cast<double>(classes);
+  if (!ga) return static_cast<float>(loss);
+  // Pass 3: gradients.
+  const float ra = 1.f / sa, rb = 1.f / sb, rat = 1.f / sat, rbt = 1.f / sbt;
+  const float lpa0 = static_cast<float>(lsat), lpb0 = static_cast<float>(lsbt);
+  const float klpq = static_cast<float>(kl_pq), klqp = static_cast<float>(kl_qp);
+  const float gw = prm.gist_weight, kwt = prm.kl_weight * inv_t, two_n = 2.f / n;
+  // d = softmax (the one-hot is subtracted below); p, q = the tempered softmaxes.
+  auto grad = [&](int64_t k, float ua, float ub, float da, float db, float p, float q) __attribute__((always_inline)) {
+    float out_a, out_b;
+    if (MODE == kDistillMSE) {
+      const float fa = to_f32(a[k]), fb = to_f32(b[k]);
+      out_a = da + two_n * (fa - fb);
+      out_b = db - two_n * (fa - fb);
+    } else {
+      const float uat = ua * inv_t, ubt = ub * inv_t;
+      const float lp = uat - lpa0, lq = ubt - lpb0;
+      if (MODE == kGist) {
+        const float tp = uat == kNegInf ? 0.f : p * (lp - lq - klpq);
+        const float tq = ubt == kNegInf ? 0.f : q * (lq - lp - klqp);
+        out_a = da + kwt * (tp + (p - q));
+        out_b = gw * db + kwt * (tq + (q - p));
+      } else {  // KL(q||p): q = teacher (b), p = student (a)
+        out_a = da + inv_t * (p - q);
+        out_b = db + inv_t * (ubt == kNegInf ? 0.f : q * (lq - lp - klqp));
+      }
+    }
+    ga[k] = from_f32<T>(out_a);
+    gb[k] = from_f32<T>(out_b);
+  };
+  if (cache && MODE != kDistillMSE) {
+#pragma omp simd
+    for (int64_t k = 0; k < classes; ++k) {
+      const float ua = to_f32(a[k]) - ma, ub = to_f32(b[k]) - mb;
+      grad(k, ua, ub, c_ea[k] * ra, c_eb[k] * rb, c_eat[k] * rat, c_ebt[k] * rbt);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < classes; ++k) {
+      const float ua = to_f32(a[k]) - ma, ub = to_f32(b[k]) - mb;
+      const float p = MODE == kDistillMSE ? 0.f : vexp(ua * inv_t) * rat;
+      const float q = MODE == kDistillMSE ? 0.f : vexp(ub * inv_t) * rbt;
+      grad(k, ua, ub, vexp(ua) * ra, vexp(ub) * rb, p, q);
+    }
+  }
+  // - onehot(t): d CE / dz = softmax - onehot, weighted like its CE term.
+  ga[t] = static_cast<T>(static_cast<float>(ga[t]) - 1.f);
+  gb[t] = static_cast<T>(static_cast<float>(gb[t]) - (MODE == kGist ? gw : 1.f));
+  return static_cast<float>(loss);
+}
+
 // a, b: (rows, C) logits; target: (rows,) int64, already validated; out_rows: (rows,) fp32;
 // grad_a, grad_b: (rows, C) in T, or null when no gradient is wanted.
 template <typename T, int MODE>
 void pair_loss_rows(const T* a_all, const T* b_all, const int64_t* target, int64_t rows, int64_t classes,
                     LossParams prm, float* out_rows, T* grad_a, T* grad_b) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
+  const bool use_cache = grad_a && MODE != kDistillMSE && classes <= kCacheClasses;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    const float inv_t = prm.inv_temp, n = static_cast<float>(classes);
+    std::vector<float> cache(use_cache ? 4 * classes : 0);
     for (int64_t row = r0; row < r1; ++row) {
-      const T* a = a_all + row * classes;
-      const T* b = b_all + row * classes;
       T* ga = grad_a ? grad_a + row * classes : nullptr;
       T* gb = grad_b ? grad_b + row * classes : nullptr;
       const int64_t t = target[row];
@@ -55,86 +177,8 @@ void pair_loss_rows(const T* a_all, const T* b_all, const int64_t* target, int64
         if (ga) std::fill(ga, ga + classes, T(0)), std::fill(gb, gb + classes, T(0));
         continue;
       }
-      // Pass 1: row maxima (a NaN is skipped here and poisons the sums below).
-      float ma = kNegInf, mb = kNegInf;
-#pragma omp simd reduction(max : ma, mb)
-      for (int64_t k = 0; k < classes; ++k) {
-        const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
-        ma = fa > ma ? fa : ma;
-        mb = fb > mb ? fb : mb;
-      }
-      // Pass 2: S = Σ exp(z - m), S_T = Σ exp((z - m) / T), X = Σ e_T (u_T - u_T') (0 log 0 = 0).
-      float sa = 0.f, sb = 0.f, sat = 0.f, sbt = 0.f, xa = 0.f, xb = 0.f, sq = 0.f;
-      if (MODE == kDistillMSE) {
-#pragma omp simd reduction(+ : sa, sb, sq)
-        for (int64_t k = 0; k < classes; ++k) {
-          const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
-          sa += vexp(fa - ma);
-          sb += vexp(fb - mb);
-          sq += (fa - fb) * (fa - fb);
-        }
-      } else {
-#pragma omp simd reduction(+ : sa, sb, sat, sbt, xa, xb)
-        for (int64_t k = 0; k < classes; ++k) {
-          const float ua = static_cast<float>(a[k]) - ma, ub = static_cast<float>(b[k]) - mb;
-          const float uat = ua * inv_t, ubt = ub * inv_t;
-          const float eat = vexp(uat), ebt = vexp(ubt);
-          sa += vexp(ua);
-          sb += vexp(ub);
-          sat += eat;
-          sbt += ebt;
-          if (MODE == kGist) xa += uat == kNegInf ? 0.f : eat * (uat - ubt);
-          xb += ubt == kNegInf ? 0.f : ebt * (ubt - uat);
-        }
-      }
-      const double lse_a = ma + std::log(static_cast<double>(sa)), lse_b = mb + std::log(static_cast<double>(sb));
-      const double ce_a = lse_a - static_cast<float>(a[t]), ce_b = lse_b - static_cast<float>(b[t]);
-      const double lsat = std::log(static_cast<double>(sat)), lsbt = std::log(static_cast<double>(sbt));
-      const double kl_pq = xa / static_cast<double>(sat) - lsat + lsbt;  // KL(p||q), GIST only
-      const double kl_qp = xb / static_cast<double>(sbt) - lsbt + lsat;  // KL(q||p)
-      double loss;
-      if (MODE == kGist)
-        loss = ce_a + prm.gist_weight * ce_b + prm.kl_weight * (kl_pq + kl_qp);
-      else if (MODE == kDistillKL)
-        loss = ce_a + ce_b + kl_qp;
-      else
-        loss = ce_a + ce_b + sq / static_cast<double>(classes);
-      out_rows[row] = static_cast<float>(loss);
-      if (!ga) continue;
-      // Pass 3: gradients.
-      const float ra = 1.f / sa, rb = 1.f / sb, rat = 1.f / sat, rbt = 1.f / sbt;
-      const float lpa0 = static_cast<float>(lsat), lpb0 = static_cast<float>(lsbt);
-      const float klpq = static_cast<float>(kl_pq), klqp = static_cast<float>(kl_qp);
-      const float gw = prm.gist_weight, kwt = prm.kl_weight * inv_t, two_n = 2.f / n;
-#pragma omp simd
-      for (int64_t k = 0; k < classes; ++k) {
-        const float fa = static_cast<float>(a[k]), fb = static_cast<float>(b[k]);
-        const float ua = fa - ma, ub = fb - mb;
-        const float da = vexp(ua) * ra, db = vexp(ub) * rb;  // softmax; the one-hot is subtracted below
-        float out_a, out_b;
-        if (MODE == kDistillMSE) {
-          out_a = da + two_n * (fa - fb);
-          out_b = db - two_n * (fa - fb);
-        } else {
-          const float uat = ua * inv_t, ubt = ub * inv_t;
-          const float p = vexp(uat) * rat, q = vexp(ubt) * rbt;
-          const float lp = uat - lpa0, lq = ubt - lpb0;
-          if (MODE == kGist) {
-            const float tp = uat == kNegInf ? 0.f : p * (lp - lq - klpq);
-            const float tq = ubt == kNegInf ? 0.f : q * (lq - lp - klqp);
-            out_a = da + kwt * (tp + (p - q));
-            out_b = gw * db + kwt * (tq + (q - p));
-          } else {  // KL(q||p): q = teacher (b), p = student (a)
-            out_a = da + inv_t * (p - q);
-            out_b = db + inv_t * (ubt == kNegInf ? 0.f : q * (lq - lp - klqp));
-          }
-        }
-        ga[k] = static_cast<T>(out_a);
-        gb[k] = static_cast<T>(out_b);
-      }
-      // - onehot(t): d CE / dz = softmax - onehot, weighted like its CE term.
-      ga[t] = static_cast<T>(static_cast<float>(ga[t]) - 1.f);
-      gb[t] = static_cast<T>(static_cast<float>(gb[t]) - (MODE == kGist ? gw : 1.f));
+      out_rows[row] = loss_row<T, MODE>(a_all + row * classes, b_all + row * classes, t, classes, prm, ga, gb,
+                                        use_cache ? cache.data() : nullptr);
     }
   });
 }
@@ -163,8 +207,8 @@ std::tuple<Tensor, Tensor, Tensor> pair_loss(const Tensor& a_in, const Tensor& b
   check_pair(a, b, target, prm.ignore_index, op);
   const int64_t rows = a.size(0), classes = a.size(1);
   Tensor out_rows = at::empty({rows}, a.options().dtype(at::kFloat));
-  Tensor grad_a = compute_grad ? at::empty_like(a) : at::empty({0}, a.options());
-  Tensor grad_b = compute_grad ? at::empty_like(b) : at::empty({0}, b.options());
+  Tensor grad_a = compute_grad ? empty_large(a.sizes(), a.options()) : at::empty({0}, a.options());
+  Tensor grad_b = compute_grad ? empty_large(b.sizes(), b.options()) : at::empty({0}, b.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "gist_fast_pair_loss", [&] {
     pair_loss_rows<scalar_t, MODE>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
                                    rows, classes, prm, out_rows.mutable_data_ptr<float>(),
@@ -218,7 +262,7 @@ Tensor scale_rows_cpu(const Tensor& grad_in, const Tensor& row_scale_in) {
               row_scale_in.sizes());
   TORCH_CHECK(is_supported_float(grad_in.scalar_type()), "gist_fast scale_rows (CPU): unsupported dtype ", grad_in.scalar_type());
   const Tensor grad = grad_in.contiguous(), row_scale = row_scale_in.to(at::kFloat).contiguous();
-  Tensor out = at::empty_like(grad);
+  Tensor out = empty_large(grad.sizes(), grad.options());
   const int64_t rows = grad.size(0), classes = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_rows", [&] {
     scale_rows_impl(grad.const_data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), rows,
