@@ -177,8 +177,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_fwd_cpu(
   const Tensor nb = fused_norm && norm_bias ? norm_bias->to(at::kFloat).contiguous() : Tensor();
 
   const auto opts = x.options().dtype(out_dtype);
-  Tensor out = empty_large({rows, dim}, opts);
-  Tensor normed = fused_norm ? empty_large({rows, dim}, opts) : at::empty({0}, opts);
+  Tensor out = at::empty({rows, dim}, opts);
+  Tensor normed = fused_norm ? at::empty({rows, dim}, opts) : at::empty({0}, opts);
   Tensor mean = at::empty({fused_norm ? rows : 0}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({fused_norm ? rows : 0}, x.options().dtype(at::kFloat));
 
@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
 
   // G = grad_out + LayerNorm backward of grad_normed, stored once in grad_out's dtype (it is also
   // the gradient of base / branch); d norm_weight, d norm_bias in per-block-range fp32 partials.
-  Tensor grad_residual = fused_norm ? empty_large(grad_out.sizes(), grad_out.options()) : at::empty({0}, grad_out.options());
+  Tensor grad_residual = fused_norm ? at::empty(grad_out.sizes(), grad_out.options()) : at::empty({0}, grad_out.options());
   Tensor g_nw = at::empty({0}, x.options().dtype(at::kFloat)), g_nb = at::empty({0}, x.options().dtype(at::kFloat));
   if (fused_norm) {
     const int64_t num_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_blocks));
@@ -342,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     // grad_x = gh W_d (+ G).
     const Tensor wd_f = w_down.to(at::kFloat).contiguous(), bd_f = b_down.to(at::kFloat).contiguous();
     const Tensor wut_f = (w_up.to(at::kFloat) * scale).t().contiguous();     // (R, D) s W_u^T
-    Tensor grad_x = empty_large(x.sizes(), x.options());
+    Tensor grad_x = at::empty(x.sizes(), x.options());
     const int64_t grain = std::max<int64_t>(64, blk);
     const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
     const int64_t acc_size = 2 * rank * dim + dim + rank;  // dW_u^T (R, D), dW_d (R, D), db_u (D), db_d (R)
@@ -408,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   Tensor g_wd = at::mm(gh.t(), xc).to(w_down.scalar_type());                 // dW_d = gh^T x  (R, D)
   Tensor g_bd = gh.sum({0}, false, at::kFloat).to(b_down.scalar_type());
   // grad_x = gh W_d (+ G when x is the residual base).
-  Tensor grad_x = empty_large(x.sizes(), x.options().dtype(cdt));
+  Tensor grad_x = at::empty(x.sizes(), x.options().dtype(cdt));
   if (x_is_base)
     at::addmm_out(grad_x, gc, gh, wd_c);
   else

@@ -11,10 +11,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <cstdlib>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GIST_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -195,29 +191,6 @@ struct Rows {
     }
   }
 };
-
-// at::empty for the ops' large outputs (rows x D activations and their gradients): at 4 MiB and
-// above the buffer is 2 MiB-aligned and marked MADV_HUGEPAGE, so that its first touch costs ~10
-// huge-page faults instead of ~5000 4 KiB ones (each step allocates these fresh; with 4 KiB pages
-// the faults took about as long as the op itself at D = 768, r = 4). What c10's allocator does for
-// every tensor under THP_MEM_ALLOC_ENABLE=1. Elsewhere (or when that fails) plain at::empty.
-inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (nbytes >= (size_t(4) << 20)) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, padded) == 0) {
-      madvise(p, padded, MADV_HUGEPAGE);
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
-    }
-  }
-#endif
-  return at::empty(sizes, options);
-}
 
 // exp(x) in fp32, written so that loops calling it vectorise (needs -fno-trapping-math, see
 // setup.py): Cephes expf, i.e. range reduction by ln 2, a degree-6 polynomial and 2^n built in the

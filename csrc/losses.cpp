@@ -207,8 +207,8 @@ std::tuple<Tensor, Tensor, Tensor> pair_loss(const Tensor& a_in, const Tensor& b
   check_pair(a, b, target, prm.ignore_index, op);
   const int64_t rows = a.size(0), classes = a.size(1);
   Tensor out_rows = at::empty({rows}, a.options().dtype(at::kFloat));
-  Tensor grad_a = compute_grad ? empty_large(a.sizes(), a.options()) : at::empty({0}, a.options());
-  Tensor grad_b = compute_grad ? empty_large(b.sizes(), b.options()) : at::empty({0}, b.options());
+  Tensor grad_a = compute_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  Tensor grad_b = compute_grad ? at::empty(b.sizes(), b.options()) : at::empty({0}, b.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "gist_fast_pair_loss", [&] {
     pair_loss_rows<scalar_t, MODE>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
                                    rows, classes, prm, out_rows.mutable_data_ptr<float>(),
@@ -262,7 +262,7 @@ Tensor scale_rows_cpu(const Tensor& grad_in, const Tensor& row_scale_in) {
               row_scale_in.sizes());
   TORCH_CHECK(is_supported_float(grad_in.scalar_type()), "gist_fast scale_rows (CPU): unsupported dtype ", grad_in.scalar_type());
   const Tensor grad = grad_in.contiguous(), row_scale = row_scale_in.to(at::kFloat).contiguous();
-  Tensor out = empty_large(grad.sizes(), grad.options());
+  Tensor out = at::empty(grad.sizes(), grad.options());
   const int64_t rows = grad.size(0), classes = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_rows", [&] {
     scale_rows_impl(grad.const_data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), rows,
