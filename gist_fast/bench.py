@@ -6,6 +6,7 @@ Implementations (same weights, same batch):
     checkpoint       eager + timm gradient checkpointing (model.set_grad_checkpointing())
     gist_fast        patch(fused="auto", memory="lean")
     gist_fast_min    patch(fused="auto", memory="min")
+    gist_fast_ops    patch(fused="auto", memory=None): the fused ops in the eager block, no recomputation
     gist_fast_compile  gist_fast under torch.compile (compiled blocks use the fused ops, not the lean path)
 
 Per (model, implementation, batch): median step time over --steps timed steps after warm-up
@@ -31,7 +32,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-IMPLS = ("eager", "eager_compile", "checkpoint", "gist_fast", "gist_fast_min", "gist_fast_compile")
+IMPLS = ("eager", "eager_compile", "checkpoint", "gist_fast", "gist_fast_min", "gist_fast_ops", "gist_fast_compile")
+MEMORY = {"gist_fast": "lean", "gist_fast_min": "min", "gist_fast_ops": None, "gist_fast_compile": "lean"}
 MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "4090": 165.0}
 
@@ -118,7 +120,7 @@ def build(impl: str, base, ref_state, device) -> torch.nn.Module:
     if impl in ("eager", "eager_compile", "checkpoint"):
         gist_fast.patch(model, fused=False, verbose=False)
     else:
-        gist_fast.patch(model, fused="auto", memory="min" if impl == "gist_fast_min" else "lean", verbose=False)
+        gist_fast.patch(model, fused="auto", memory=MEMORY[impl], verbose=False)
     model.load_state_dict(ref_state)
     if impl == "checkpoint":
         model.set_grad_checkpointing(True)
@@ -132,7 +134,15 @@ class Runner:
         self.impl, self.model, self.device, self.amp_dtype = impl, model, device, amp_dtype
         self.loss_fn = _loss_fn(impl.startswith("gist_fast"))
         self.reset()
-        self.forward = torch.compile(self._forward) if impl.endswith("_compile") else self._forward
+        if impl.endswith("_compile"):
+            # inductor draws dropout masks from its own generator unless told to call aten's: with
+            # fallback_random the gist-token dropout matches eager's, so |Δloss| compares the math
+            import torch._inductor.config
+
+            torch._inductor.config.fallback_random = True
+            self.forward = torch.compile(self._forward)
+        else:
+            self.forward = self._forward
 
     def reset(self, state=None):
         """Back to the shared weights (every batch size starts from them) and a fresh optimizer."""
