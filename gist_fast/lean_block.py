@@ -13,6 +13,8 @@ dtype (bf16 under autocast):
 
     memory="lean"  x and u = fc1(h2)         (2D + 8D bytes per token in bf16; the eager block: ~28D)
     memory="min"   x only                     (2D bytes per token)
+    memory="auto"  "lean" on CUDA; on CPU the eager block with the fused ops (compute-bound there,
+                   recomputation measured ~15% slower on vit_tiny, benchmarks/results/cpu)
 
 and recomputes the rest in backward, one block at a time: LN1, qkv, SDPA forward and proj (a
 local autograd graph whose backward is SDPA's own fused kernel), the adapter bottleneck and LN2
@@ -242,6 +244,10 @@ def _block_forward(block, x, wts, norms, gist, mode, dt, masks):
 
 def lean_forward(block: nn.Module, x: Tensor, fallback, gist: bool, mode: str, attn_kwargs: dict) -> Tensor:
     """The lean block forward, or `fallback(block, x, **attn_kwargs)` where it does not apply."""
+    if mode == "auto":  # lean where activations limit the batch (CUDA); on CPU compute does
+        if x.device.type != "cuda":
+            return fallback(block, x, **attn_kwargs)
+        mode = "lean"
     if not block.adapter.fused or _dynamic_fallback(block, attn_kwargs) or unsupported_reason(block) is not None:
         return fallback(block, x, **attn_kwargs)
     dt = _compute_dtype(x)

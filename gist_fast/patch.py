@@ -29,7 +29,7 @@ class PatchConfig:
     fused: bool
     channels: Optional[List[List[int]]] = None
     gist_index: int = 1
-    memory: Optional[str] = "lean"
+    memory: Optional[str] = "auto"
 
 
 @dataclass
@@ -123,7 +123,7 @@ def patch(
     fused: Union[str, bool] = "auto",
     channels: Optional[Union[Sequence[Sequence[int]], Tensor]] = None,
     verbose: bool = True,
-    memory: Optional[str] = "lean",
+    memory: Optional[str] = "auto",
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place for GIST / iDAT / two-stage PEFT and return it.
 
@@ -134,7 +134,8 @@ def patch(
     Everything but the PEFT parameters, the gist token and the head is frozen.
     memory: with fused ops, the block forward/backward of gist_fast.lean_block for "adapter" and
     "adaptformer": "lean" saves the block input and the MLP pre-activation in the compute dtype,
-    "min" the block input only (more recomputation), None the eager block.
+    "min" the block input only (more recomputation), None the eager block; "auto" is "lean" on CUDA
+    and None on CPU (where compute, not memory, limits a step and recomputation only costs time).
     """
     _check_model(model)
     if peft not in PEFT_KINDS:
@@ -145,8 +146,8 @@ def patch(
         raise ValueError(f"rank must be in [1, 1024], got {rank}")
     if gist and getattr(model, "attn_pool", None) is not None:
         raise ValueError("gist=True needs token or average pooling; this model pools with attention (global_pool='map')")
-    if memory not in MEMORY_MODES + (None,):
-        raise ValueError(f"memory must be one of {MEMORY_MODES} or None, got {memory!r}")
+    if memory not in MEMORY_MODES + ("auto", None):
+        raise ValueError(f"memory must be one of {MEMORY_MODES + ('auto',)} or None, got {memory!r}")
     dim, depth = model.embed_dim, len(model.blocks)
     config = PatchConfig(
         peft=peft, gist=gist, rank=rank, scale=float(DEFAULT_SCALE.get(peft, 0.0) if scale is None else scale),

@@ -187,3 +187,4 @@ def test_patch_memory_argument():
     assert gist_fast.patch(tiny_vit(), fused=False, verbose=False).gist_fast_config.memory is None
     assert gist_fast.patch(tiny_vit(), peft="ln", verbose=False).gist_fast_config.memory is None
     assert gist_fast.patch(tiny_vit(), memory="min", verbose=False).gist_fast_config.memory == "min"
+    assert gist_fast.patch(tiny_vit(), verbose=False).gist_fast_config.memory == "auto"

@@ -47,6 +47,14 @@ def test_lean_and_min_save_less_than_eager():
     assert "blocks" in lean.by_module
 
 
+def test_auto_memory_is_lean_on_cuda_only():
+    """The default memory="auto" keeps the eager block (fused ops, nothing recomputed) on CPU."""
+    x = images(4, size=40)
+    auto = gist_fast.activation_bytes(_model(), x)
+    assert auto.per_image == gist_fast.activation_bytes(_model(memory=None), x).per_image
+    assert auto.per_image > gist_fast.activation_bytes(_model(memory="lean"), x).per_image
+
+
 def test_parse_bytes():
     assert parse_bytes("16GiB") == 16 * 2**30
     assert parse_bytes("800MB") == 800 * 10**6
