@@ -17,9 +17,10 @@ def num_warps(tile_elements: int) -> int:
     return 4 if tile_elements <= 1024 else 8 if tile_elements <= 8192 else 16
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands keep ~fp32 accuracy (3 tf32 passes); 16-bit operands are exact in tf32."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """tf32 only when every tensor feeding the dots is 16-bit (exact in tf32); any fp32 one (the fp32
+    master weights under autocast, an fp32 output) keeps ~fp32 accuracy with 3 tf32 passes."""
+    return "tf32" if all(d in (torch.float16, torch.bfloat16) for d in dtypes) else "tf32x3"
 
 
 @triton.jit

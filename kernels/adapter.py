@@ -249,8 +249,8 @@ def _adapter_bwd_kernel(
 def _tiles(M: int, D: int, R: int, block_m=None, block_d=None):
     """(BLOCK_M, BLOCK_D, BLOCK_R): more rows per program at larger rank, so the weights are re-read less."""
     block_r = block_size(R, lo=16, hi=64 if R <= 64 else triton.next_power_of_2(R))
-    block_m = block_m or block_size(M, lo=16, hi=64 if block_r <= 16 else 128)
-    block_d = block_d or block_size(D, lo=16, hi=128 if block_m <= 64 else 64)
+    block_m = block_m or block_size(M, lo=16, hi=64 if block_r <= 16 or block_r >= 256 else 128)
+    block_d = block_d or block_size(D, lo=16, hi=32 if block_r >= 128 else 128 if block_m <= 64 else 64)
     return block_m, block_d, block_r
 
 
@@ -281,7 +281,8 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
         mean if has_norm else out, rstd if has_norm else out,
         M, D, R, float(scale), float(eps),
         HAS_BASE=base is not None, HAS_BRANCH=branch is not None, HAS_NORM=has_norm,
-        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps(bm * bd),
+        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype, out.dtype, w_down.dtype, w_up.dtype),
+        num_warps=num_warps(bm * bd), num_stages=1,  # no software pipelining: 3 stages of fp32 tiles overflow shared memory
     )
     return out, normed, mean, rstd
 
@@ -317,7 +318,8 @@ def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm
             gwd, gbd, gwu, gbu, gnw if has_norm else gbu, gnb if has_norm else gbu,
             M, D, R, float(scale),
             HAS_NORM=has_norm, X_IS_BASE=bool(x_is_base), ATOMIC=atomic,
-            BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps(bm * bd),
+            BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype, grad_out.dtype, w_down.dtype, w_up.dtype),
+            num_warps=num_warps(bm * bd), num_stages=1,
         )
     return (
         grad_x, grad_res,

@@ -150,3 +150,13 @@ def test_scale_rows_fp32_math_in_storage_dtype():
     # exact on a GPU; the interpreter truncates fp32 -> bf16 instead of rounding to nearest (1 ulp)
     tol = 0 if torch.cuda.is_available() else 2 ** -7
     torch.testing.assert_close(out, (grad.float() * scale[:, None]).bfloat16(), rtol=tol, atol=0)
+
+
+def test_dot_precision_is_tf32_only_when_every_operand_is_16_bit():
+    """The interpreter ignores input_precision, so this is the only guard against tf32-rounding fp32 weights."""
+    from gist_fast.kernels._common import dot_precision
+
+    assert dot_precision(torch.bfloat16, torch.float16) == "tf32"
+    assert dot_precision(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32) == "tf32x3"
+    assert dot_precision(torch.float32) == "tf32x3"
+    assert dot_precision(torch.float64) == "tf32x3"

@@ -16,11 +16,14 @@ from gist_fast import reference
 from gist_fast.ops import _backend, adapter_torch
 
 _EMPTY = (0,)
+# The Triton kernels' largest rank: above it even a 64 x 32 tile's fp32 operands outgrow an H100's
+# 227 KiB of shared memory, and the plain-torch backend runs instead.
+_TRITON_MAX_RANK = 256
 
 
-def _impl(t: Tensor):
+def _impl(t: Tensor, rank: int):
     backend = _backend.select(t)
-    if backend == "triton":
+    if backend == "triton" and rank <= _TRITON_MAX_RANK:
         from gist_fast.kernels import adapter as triton_adapter
 
         return triton_adapter.adapter_fwd, triton_adapter.adapter_bwd
@@ -37,7 +40,7 @@ def adapter_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, base, branch: (M, D). Returns out (M, D), normed (M, D), mean and rstd (M,) fp32; the last
     three are empty when no norm is fused."""
-    return _impl(x)[0](x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps)
+    return _impl(x, w_down.shape[0])[0](x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps)
 
 
 @adapter_fwd.register_fake
@@ -59,7 +62,7 @@ def adapter_bwd(
     """Returns grad_x (x's dtype; includes the residual gradient when x_is_base), grad_residual (the
     total gradient reaching out, only when a norm is fused, else empty), the four adapter weight
     gradients (in the dtypes of w_down, b_down, w_up, w_up) and grad_norm_weight, grad_norm_bias (fp32 or empty)."""
-    return _impl(x)[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base)
+    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base)
 
 
 @adapter_bwd.register_fake
