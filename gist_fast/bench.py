@@ -1,21 +1,27 @@
 """`gist-fast bench`: end-to-end training-step benchmark of GIST on timm ViTs.
 
-Implementations (same weights, same batch):
+Implementations (same weights, same batch), in the order they run:
     eager            patch(fused=False): the authors' structure on timm, eager PyTorch
-    eager_compile    the same under torch.compile
     checkpoint       eager + timm gradient checkpointing (model.set_grad_checkpointing())
+    gist_fast_auto   patch() as a user calls it: memory="auto" ("lean" on CUDA, None on CPU)
     gist_fast        patch(fused="auto", memory="lean")
     gist_fast_min    patch(fused="auto", memory="min")
     gist_fast_ops    patch(fused="auto", memory=None): the fused ops in the eager block, no recomputation
+    eager_compile    eager under torch.compile
     gist_fast_compile  gist_fast under torch.compile (compiled blocks use the fused ops, not the lean path)
+Compiled implementations trace the batch dimension as dynamic, so one compilation serves every batch.
 
 Per (model, implementation, batch): median step time over --steps timed steps after warm-up
 (forward + GIST loss + backward + AdamW step; compilation and warm-up are never timed), images/s,
 peak memory (CUDA), saved activations per image (gist_fast.activation_bytes), |loss - loss_eager|,
 MFU (CUDA, bf16) and the largest batch within --memory-budget (CUDA: found by running steps; CPU:
-estimated from saved activations and training state, marked "est").
-Writes bench.json, bench.md, bench_throughput.png and bench_memory.png into --out
-(default benchmarks/results/<device>/).
+estimated from saved activations and training state, marked "est"). On CUDA one implementation's
+model is on the GPU at a time, so its peak memory and largest batch are its own; on CPU every
+implementation is timed in interleaved rounds (a shared CPU's load drifts).
+Writes bench.json and bench.md into --out (default benchmarks/results/<device>/) after every
+(implementation, batch) cell, and bench_throughput.png and bench_memory.png at the end; with
+--time-budget, cells that would end after it (a compiled implementation's first cell is expected to
+take --compile-seconds, any other cell nothing) are recorded as "skipped: time budget".
 """
 import argparse
 import copy
@@ -32,8 +38,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-IMPLS = ("eager", "eager_compile", "checkpoint", "gist_fast", "gist_fast_min", "gist_fast_ops", "gist_fast_compile")
-MEMORY = {"gist_fast": "lean", "gist_fast_min": "min", "gist_fast_ops": None, "gist_fast_compile": "lean"}
+# eager first (the loss reference), compiled last (the slowest to start)
+IMPLS = ("eager", "checkpoint", "gist_fast_auto", "gist_fast", "gist_fast_min", "gist_fast_ops", "eager_compile",
+         "gist_fast_compile")
+MEMORY = {"gist_fast_auto": "auto", "gist_fast": "lean", "gist_fast_min": "min", "gist_fast_ops": None,
+          "gist_fast_compile": "lean"}  # "auto" is patch()'s default
 MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "4090": 165.0}
 
@@ -53,6 +62,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no (implementation, batch) cell that would end after this many seconds; those are recorded as skipped")
+    p.add_argument("--compile-seconds", type=float, default=90.0,
+                   help="what a compiled implementation's first cell is expected to take under --time-budget (ViT-B on an H100)")
     return p.parse_args(argv)
 
 
@@ -67,6 +80,8 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git_sha() -> str:
+    if os.environ.get("GIT_SHA"):  # passed in where the checkout travels without .git (the GPU machine)
+        return os.environ["GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -140,7 +155,14 @@ class Runner:
             import torch._inductor.config
 
             torch._inductor.config.fallback_random = True
-            self.forward = torch.compile(self._forward)
+            compiled = torch.compile(self._forward)
+
+            def forward(images, target):  # a dynamic batch: one compilation (a minute for ViT-B) serves every batch
+                torch._dynamo.maybe_mark_dynamic(images, 0)
+                torch._dynamo.maybe_mark_dynamic(target, 0)
+                return compiled(images, target)
+
+            self.forward = forward
         else:
             self.forward = self._forward
 
@@ -165,6 +187,17 @@ class Runner:
         torch.manual_seed(seed)  # same gist-dropout draws for every implementation
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             return float(self.forward(images, target).detach())
+
+
+class Deadline:
+    """A wall-clock budget (None: no limit)."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def allows(self, seconds: float = 0.0) -> bool:
+        """Whether work expected to take `seconds` would end inside the budget."""
+        return self.end is None or time.monotonic() + seconds < self.end
 
 
 def _sync(device):
@@ -219,7 +252,55 @@ def max_batch_cuda(runner: Runner, budget: int, num_classes: int, start: int = 1
     return lo
 
 
-def run(args: argparse.Namespace, on_model=None) -> Dict:
+def _groups(impls: List[str], cuda: bool) -> List[List[str]]:
+    """Implementations that are built and timed together: one at a time on CUDA (only its model on the
+    GPU, so peak memory and the largest batch are its own), all together on CPU (interleaved rounds)."""
+    return [[impl] for impl in impls] if cuda else [impls]
+
+
+def _batch(args: argparse.Namespace, batch: int, device):
+    g = torch.Generator().manual_seed(args.seed + batch)  # the same images for every implementation
+    images = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
+    return images, torch.randint(0, args.num_classes, (batch,), generator=g).to(device)
+
+
+def _measure(runners: Dict[str, Runner], images, target, warmup: int, steps: int, device):
+    """Step times (s) per implementation after warm-up, and peak memory (bytes, CUDA)."""
+    for impl, r in runners.items():
+        for _ in range(warmup + (2 if impl.endswith("_compile") else 0)):
+            r.step(images, target)
+    _sync(device)
+    timings: Dict[str, List[float]] = {impl: [] for impl in runners}
+    peak = {}
+    if device.type == "cuda":
+        for impl, r in runners.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            timings[impl] = _time_steps(r, images, target, steps)
+            peak[impl] = torch.cuda.max_memory_allocated(device)
+    else:  # interleave: a shared CPU's load drifts, so each round times every implementation once
+        for _ in range(steps):
+            for impl, r in runners.items():
+                timings[impl] += _time_steps(r, images, target, 1)
+    return timings, peak
+
+
+def _max_batch(runner: Runner, saved, budget: int, num_classes: int, deadline: Deadline):
+    """(largest batch within budget, how it was found), or None where it cannot be told."""
+    import gist_fast
+
+    if runner.device.type == "cuda" and not runner.impl.endswith("_compile"):
+        if not deadline.allows():
+            return None, "skipped: time budget"
+        return max_batch_cuda(runner, budget, num_classes), "measured"
+    if saved is None:
+        return None  # saved-tensor hooks do not see inside a compiled graph
+    free = budget - gist_fast.memory.training_state_bytes(runner.model) - max(saved.fixed, 0)
+    return int(free // saved.per_image), "estimate from saved activations (no allocator on this device)"
+
+
+def run(args: argparse.Namespace, on_result=None) -> Dict:
+    """Every (model, implementation, batch) cell; on_result(result so far) after each one, so a run
+    stopped part-way keeps what it measured."""
     import timm
 
     import gist_fast
@@ -227,93 +308,91 @@ def run(args: argparse.Namespace, on_model=None) -> Dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     models = [_full_name(m) for m in (args.models.split(",") if args.models else (MODELS if cuda else MODELS[:1]))]
-    impls = args.impls.split(",") if args.impls else list(IMPLS)
-    unknown = set(impls) - set(IMPLS)
+    requested = args.impls.split(",") if args.impls else list(IMPLS)
+    unknown = set(requested) - set(IMPLS)
     if unknown:
         raise SystemExit(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+    impls = [impl for impl in IMPLS if impl in requested]
     batches = [int(b) for b in (args.batches.split(",") if args.batches else ((32, 64, 128, 256) if cuda else (8, 32)))]
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     amp_dtype = torch.bfloat16 if dtype == "bf16" else None
     steps = args.steps or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     budget = None if str(args.memory_budget).lower() == "none" else gist_fast.memory.parse_bytes(args.memory_budget)
+    deadline = Deadline(args.time_budget)
     env = environment(device)
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in env["device"].lower()), None)
-    rows = []
+    rows: List[Dict] = []
+    result = {"environment": env, "settings": {"models": models, "impls": impls, "batches": batches, "dtype": dtype,
+                                               "steps": steps, "warmup": warmup, "memory_budget": args.memory_budget,
+                                               "time_budget_s": args.time_budget, "peak_bf16_tflops": peak_tflops},
+              "rows": rows}
+
+    def publish():
+        if on_result is not None:
+            on_result(result)
+
     for name in models:
         torch.manual_seed(args.seed)
         base = timm.create_model(name, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
         ref_state = gist_fast.patch(copy.deepcopy(base), fused=False, verbose=False).state_dict()
         gflops = step_gflops(base)
-        runners = {impl: Runner(impl, build(impl, base, ref_state, device), device, amp_dtype) for impl in impls}
         sample = torch.randn(4, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
-        saved = {}
-        for impl, r in runners.items():
-            if impl.endswith("_compile"):
-                continue  # saved-tensor hooks do not see inside a compiled graph
-            saved[impl] = gist_fast.activation_bytes(r.model, sample, autocast_dtype=amp_dtype)
-        for batch in batches:
-            g = torch.Generator().manual_seed(args.seed + batch)
-            images = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
-            target = torch.randint(0, args.num_classes, (batch,), generator=g).to(device)
-            for r in runners.values():
-                r.reset(ref_state)
-            losses = {impl: r.loss(images, target, args.seed) for impl, r in runners.items()}
-            ref_loss = losses.get("eager")
-            timings: Dict[str, List[float]] = {impl: [] for impl in runners}
-            peak = {}
-            for impl, r in runners.items():
-                for _ in range(warmup + (2 if impl.endswith("_compile") else 0)):
-                    r.step(images, target)
-                _sync(device)
-            if cuda:
-                for impl, r in runners.items():
-                    torch.cuda.reset_peak_memory_stats(device)
-                    timings[impl] = _time_steps(r, images, target, steps)
-                    peak[impl] = torch.cuda.max_memory_allocated(device)
-            else:  # interleave: a shared CPU's load drifts, so each round times every implementation once
-                for _ in range(steps):
-                    for impl, r in runners.items():
-                        timings[impl] += _time_steps(r, images, target, 1)
-            for impl, r in runners.items():
-                t = statistics.median(timings[impl])
-                row = {
-                    "model": name, "impl": impl, "batch": batch, "dtype": dtype, "device": device.type,
-                    "step_ms": 1e3 * t, "step_ms_all": [round(1e3 * x, 3) for x in timings[impl]],
-                    "images_per_s": batch / t,
-                    "peak_mem_mb": peak[impl] / 2**20 if impl in peak else None,
-                    "saved_mb_per_image": saved[impl].per_image_mb if impl in saved else None,
-                    "loss": losses[impl],
-                    "loss_diff_vs_eager": abs(losses[impl] - ref_loss) if ref_loss is not None else None,
-                    "gflop_per_image": gflops,
-                    "mfu": (batch * gflops / t / 1e3 / peak_tflops) if (peak_tflops and dtype == "bf16") else None,
-                }
-                rows.append(row)
-                print(f"{name} {impl:18s} b={batch:4d} {row['step_ms']:9.1f} ms  {row['images_per_s']:8.1f} img/s  "
-                      f"saved {row['saved_mb_per_image'] or float('nan'):6.2f} MB/img  |dloss| {row['loss_diff_vs_eager'] or 0:.2e}",
-                      flush=True)
-        if budget:
-            for impl, r in runners.items():
-                if cuda and not impl.endswith("_compile"):
-                    best, how = max_batch_cuda(r, budget, args.num_classes), "measured"
-                elif impl in saved:
-                    rep = saved[impl]
-                    free = budget - gist_fast.memory.training_state_bytes(r.model) - max(rep.fixed, 0)
-                    best, how = int(free // rep.per_image), "estimate from saved activations (no allocator on this device)"
-                else:
+        eager_loss: Dict[int, float] = {}
+        for group in _groups(impls, cuda):
+            runners: Dict[str, Runner] = {}
+            saved = {}
+            for batch in batches:
+                compiles = not runners and any(impl.endswith("_compile") for impl in group)
+                if not deadline.allows(args.compile_seconds if compiles else 0.0):
+                    rows += [{"model": name, "impl": impl, "batch": batch, "dtype": dtype, "device": device.type,
+                              "skipped": "time budget"} for impl in group]
+                    publish()
                     continue
-                for row in rows:
-                    if row["model"] == name and row["impl"] == impl:
-                        row["max_batch_in_budget"], row["max_batch_how"] = best, how
-        del runners
-        if cuda:
-            torch.cuda.empty_cache()
-        result = {"environment": env, "settings": {"models": models, "impls": impls, "batches": batches, "dtype": dtype,
-                                                   "steps": steps, "warmup": warmup, "memory_budget": args.memory_budget,
-                                                   "peak_bf16_tflops": peak_tflops}, "rows": rows}
-        if on_model is not None:
-            on_model(result)  # results so far, written after every model (a killed run keeps them)
+                if not runners:
+                    runners = {impl: Runner(impl, build(impl, base, ref_state, device), device, amp_dtype) for impl in group}
+                    saved = {impl: gist_fast.activation_bytes(r.model, sample, autocast_dtype=amp_dtype)
+                             for impl, r in runners.items() if not impl.endswith("_compile")}  # hooks miss compiled graphs
+                images, target = _batch(args, batch, device)
+                for r in runners.values():
+                    r.reset(ref_state)
+                losses = {impl: r.loss(images, target, args.seed) for impl, r in runners.items()}
+                if "eager" in losses:
+                    eager_loss[batch] = losses["eager"]
+                timings, peak = _measure(runners, images, target, warmup, steps, device)
+                for impl in group:
+                    t = statistics.median(timings[impl])
+                    row = {
+                        "model": name, "impl": impl, "batch": batch, "dtype": dtype, "device": device.type,
+                        "step_ms": 1e3 * t, "step_ms_all": [round(1e3 * x, 3) for x in timings[impl]],
+                        "images_per_s": batch / t,
+                        "peak_mem_mb": peak[impl] / 2**20 if impl in peak else None,
+                        "saved_mb_per_image": saved[impl].per_image_mb if impl in saved else None,
+                        "loss": losses[impl],
+                        "loss_diff_vs_eager": abs(losses[impl] - eager_loss[batch]) if batch in eager_loss else None,
+                        "gflop_per_image": gflops,
+                        "mfu": (batch * gflops / t / 1e3 / peak_tflops) if (peak_tflops and dtype == "bf16") else None,
+                    }
+                    rows.append(row)
+                    print(f"{name} {impl:18s} b={batch:4d} {row['step_ms']:9.1f} ms  {row['images_per_s']:8.1f} img/s  "
+                          f"saved {row['saved_mb_per_image'] or float('nan'):6.2f} MB/img  |dloss| {row['loss_diff_vs_eager'] or 0:.2e}",
+                          flush=True)
+                publish()
+            for impl, r in runners.items():
+                found = _max_batch(r, saved.get(impl), budget, args.num_classes, deadline) if budget else None
+                if found:
+                    for row in rows:
+                        if row["model"] == name and row["impl"] == impl and "skipped" not in row:
+                            row["max_batch_in_budget"], row["max_batch_how"] = found
+                    publish()
+            del runners
+            if cuda:
+                torch.cuda.empty_cache()
     return result
+
+
+def _measured(rows: List[Dict]) -> List[Dict]:
+    return [r for r in rows if "skipped" not in r]
 
 
 def markdown(result: Dict) -> str:
@@ -324,15 +403,19 @@ def markdown(result: Dict) -> str:
              f"step = forward + GIST loss + backward + AdamW.", "",
              f"| model | impl | batch | step ms | img/s | vs eager | peak MB | saved MB/img | |Δloss| | MFU | max batch in {s['memory_budget']} |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ref = {(r["model"], r["batch"]): r["images_per_s"] for r in result["rows"] if r["impl"] == "eager"}
+    ref = {(r["model"], r["batch"]): r["images_per_s"] for r in _measured(result["rows"]) if r["impl"] == "eager"}
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (s["models"].index(r["model"]), r["batch"], IMPLS.index(r["impl"]))):
+        if "skipped" in r:
+            lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | skipped: {r['skipped']} |"
+                         + " |" * 7)
+            continue
         speed = r["images_per_s"] / ref[(r["model"], r["batch"])] if (r["model"], r["batch"]) in ref else None
-        mb = r.get("max_batch_in_budget")
-        mb = "" if mb is None else f"{mb}{' (est)' if 'estimate' in r.get('max_batch_how', '') else ''}"
+        mb, how = r.get("max_batch_in_budget"), r.get("max_batch_how", "")
+        mb = how if mb is None else f"{mb}{' (est)' if 'estimate' in how else ''}"
         lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | {r['step_ms']:.1f} | "
                      f"{r['images_per_s']:.1f} | {f(speed, '.2f')}× | {f(r['peak_mem_mb'], '.0f')} | {f(r['saved_mb_per_image'], '.2f')} | "
                      f"{f(r['loss_diff_vs_eager'], '.1e')} | {f(r['mfu'], '.1%')} | {mb} |")
@@ -345,7 +428,7 @@ def plots(result: Dict, out: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, models = result["rows"], result["settings"]["models"]
+    rows, models = _measured(result["rows"]), result["settings"]["models"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     written = []
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
@@ -385,12 +468,17 @@ def plots(result: Dict, out: str) -> List[str]:
     return written
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write through a temporary file, so a run killed mid-write leaves the previous whole file."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write(result: Dict, out: str, with_plots: bool = True) -> List[str]:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(os.path.join(out, "bench.md"), "w") as fh:
-        fh.write(markdown(result))
+    write_text_atomic(os.path.join(out, "bench.json"), json.dumps(result, indent=1))
+    write_text_atomic(os.path.join(out, "bench.md"), markdown(result))
     written = [os.path.join(out, "bench.json"), os.path.join(out, "bench.md")]
     if with_plots:
         written += plots(result, out)
@@ -401,7 +489,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or os.path.join("benchmarks", "results", device_slug(device))
-    result = run(args, on_model=lambda partial: write(partial, out, with_plots=False))
+    result = run(args, on_result=lambda partial: write(partial, out, with_plots=False))
     written = write(result, out, with_plots=not args.no_plots)
     print(markdown(result))
     print("wrote " + ", ".join(written))

@@ -1,4 +1,7 @@
-"""Shared @triton.jit helpers (exact GELU, online softmax statistics) and the one block-size helper."""
+"""Shared @triton.jit helpers (exact GELU, online softmax statistics) and launcher helpers (dot operand
+dtype, the row-major check)."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -7,20 +10,38 @@ _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
-def block_size(n: int, lo: int = 16, hi: int = 1024) -> int:
-    """The power of two that covers n, clamped to [lo, hi]; every tiled dimension goes through here."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+_DOT_16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def num_warps(tile_elements: int) -> int:
-    """Warps for a program whose largest tile has tile_elements elements."""
-    return 4 if tile_elements <= 1024 else 8 if tile_elements <= 8192 else 16
+def dot_config(weight_dtype: torch.dtype, autocast_dtype=None):
+    """(operand dtype, input precision) of the adapter's dots: 16-bit where eager PyTorch runs the linears in
+    16 bits (under autocast, or with 16-bit weights), accumulating in fp32; otherwise fp32 operands through 3
+    tf32 passes (~fp32 accuracy; the precision argument only matters for fp32 operands)."""
+    dtype = autocast_dtype if autocast_dtype is not None else weight_dtype
+    return (_DOT_16[dtype], "tf32") if dtype in _DOT_16 else (tl.float32, "tf32x3")
 
 
-def dot_precision(*dtypes: torch.dtype) -> str:
-    """tf32 only when every tensor feeding the dots is 16-bit (exact in tf32); any fp32 one (the fp32
-    master weights under autocast, an fp32 output) keeps ~fp32 accuracy with 3 tf32 passes."""
-    return "tf32" if all(d in (torch.float16, torch.bfloat16) for d in dtypes) else "tf32x3"
+def check_rows(width: int, **tensors) -> None:
+    """The kernels index every tensor as dense row-major rows of `width` elements; a view with other strides
+    (a transpose, a slice) would be read wrongly, so it is refused here rather than trusted."""
+    for name, t in tensors.items():
+        if t is not None and (t.dim() > 2 or tuple(t.shape[-1:]) != (width,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous (rows, {width}) or ({width},) tensor, got shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+
+
+# The interpreter multiplies bf16 dot operands as raw bits. There the operands are rounded to the dot dtype and
+# multiplied in fp32: the same products, since a tensor core multiplies 16-bit operands exactly into fp32.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def dot_operand(t, DOT_DTYPE: tl.constexpr):
+    """t rounded to the dot operand dtype."""
+    if _INTERPRET:
+        return t.to(DOT_DTYPE).to(tl.float32)
+    else:
+        return t.to(DOT_DTYPE)
 
 
 @triton.jit

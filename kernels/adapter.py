@@ -8,13 +8,17 @@ import torch
 import triton
 import triton.language as tl
 
-from gist_fast.kernels._common import block_size, dot_precision, gelu, gelu_grad, num_warps
+from gist_fast.kernels._common import check_rows, dot_config, dot_operand, gelu, gelu_grad
+
+# The largest rank the kernels take; above it ops run the plain-torch backend. Set from the sm_90a gate
+# (tests/sm90_gate.py): every rank up to it fits an H100's shared memory in every dtype.
+MAX_RANK = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _adapter_fwd_kernel(
-    x_ptr,  # (M, D) adapter input, contiguous, any float dtype
-    base_ptr,  # (M, D) residual base (HAS_BASE), else unused
+    x_ptr,  # (M, D) adapter input, row-major, any float dtype
+    base_ptr,  # (M, D) residual base: x itself unless a separate base was given
     branch_ptr,  # (M, D) extra residual term, e.g. the attention output (HAS_BRANCH), else unused
     wd_ptr,  # (R, D) down-projection weight
     bd_ptr,  # (R,) down-projection bias
@@ -31,13 +35,13 @@ def _adapter_fwd_kernel(
     R,  # adapter rank (<= BLOCK_R)
     scale,  # float: adapter output scale
     eps,  # float: LayerNorm epsilon
-    HAS_BASE: tl.constexpr,  # residual is base instead of x
     HAS_BRANCH: tl.constexpr,  # add branch
     HAS_NORM: tl.constexpr,  # also write LayerNorm(out), mean, rstd
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per chunk
     BLOCK_R: tl.constexpr,  # rank padded to a power of two >= 16
-    DOT_PRECISION: tl.constexpr,  # tl.dot input precision
+    DOT_DTYPE: tl.constexpr,  # dtype of the dot operands (bf16 / fp16 under autocast or a 16-bit model, else fp32)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
     """out = (base or x) + branch + scale (GELU(x W_d^T + b_d) W_u^T + b_u), fp32 math;
     normed = (out - mean) rstd w + b with mean and variance combined chunk by chunk (Chan et al.)."""
@@ -53,11 +57,11 @@ def _adapter_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         col_mask = cols < D
-        x = tl.load(x_ptr + row_off + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row_off + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
-        h = tl.dot(x, wd_t.to(tl.float32), h, input_precision=DOT_PRECISION)
+        h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
     bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
-    a = gelu(h + bd[None, :])  # padded ranks: GELU(0) = 0
+    a = dot_operand(gelu(h + bd[None, :]), DOT_DTYPE)  # padded ranks: GELU(0) = 0
     # pass 2: out = residual + scale (a W_u^T + b_u), LayerNorm statistics on the stored (rounded) out
     mean = tl.zeros((BLOCK_M,), tl.float32)
     m2 = tl.zeros((BLOCK_M,), tl.float32)
@@ -68,12 +72,9 @@ def _adapter_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         offs = row_off + cols[None, :]
         wu_t = tl.load(wu_ptr + cols[None, :] * R + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        y = tl.dot(a, wu_t.to(tl.float32), input_precision=DOT_PRECISION)
+        y = tl.dot(a, dot_operand(wu_t, DOT_DTYPE), input_precision=DOT_PRECISION)
         bu = tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_BASE:
-            res = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            res = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BRANCH:
             res += tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = (res + scale * (y + bu[None, :])).to(out_ptr.dtype.element_ty)
@@ -105,7 +106,7 @@ def _adapter_fwd_kernel(
             tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _adapter_bwd_kernel(
     gout_ptr,  # (M, D) upstream gradient of out
     gnormed_ptr,  # (M, D) upstream gradient of normed (HAS_NORM)
@@ -131,11 +132,12 @@ def _adapter_bwd_kernel(
     scale,  # float: adapter output scale
     HAS_NORM: tl.constexpr,  # a LayerNorm was fused: g = gout + LayerNorm backward of gnormed
     X_IS_BASE: tl.constexpr,  # the residual was x: grad_x also gets g
-    ATOMIC: tl.constexpr,  # reduce the weight gradients with fp32 atomics into slot 0 instead of per-program slots
+    ATOMIC: tl.constexpr,  # reduce the weight gradients with relaxed fp32 atomics into slot 0, else per-program slots
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per chunk
     BLOCK_R: tl.constexpr,  # rank padded to a power of two >= 16
-    DOT_PRECISION: tl.constexpr,  # tl.dot input precision
+    DOT_DTYPE: tl.constexpr,  # dtype of the dot operands, as in the forward
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
     """g = gout + rstd (w gn - mean(xhat w gn) xhat - mean(w gn)); h = x W_d^T + b_d; gh = scale (g W_u) GELU'(h);
     grad_x = gh W_d (+ g); dW_u = scale g^T GELU(h); db_u = scale sum g; dW_d = gh^T x; db_d = sum gh."""
@@ -146,10 +148,7 @@ def _adapter_bwd_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < R
     cols0 = tl.arange(0, BLOCK_D)
-    if ATOMIC:
-        slot = 0
-    else:
-        slot = pid
+    slot = 0 if ATOMIC else pid  # this program's partial-gradient slot
     # pass A: h = x W_d^T, and the LayerNorm backward row sums c1 = sum(xhat w gn), c2 = sum(w gn)
     h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     c1 = tl.zeros((BLOCK_M,), tl.float32)
@@ -162,9 +161,9 @@ def _adapter_bwd_kernel(
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
         offs = row_off + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
-        h = tl.dot(x, wd_t.to(tl.float32), h, input_precision=DOT_PRECISION)
+        h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
         if HAS_NORM:
             o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -177,7 +176,7 @@ def _adapter_bwd_kernel(
     c2 = c2 / D
     bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
     h += bd[None, :]
-    a = gelu(h)
+    a = dot_operand(gelu(h), DOT_DTYPE)
     # pass B: g, ga = g W_u, and the partial gradients of W_u, b_u and the LayerNorm affine
     ga = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -197,27 +196,29 @@ def _adapter_bwd_kernel(
             gnw = tl.sum(gn * xhat, axis=0)
             gnb = tl.sum(gn, axis=0)
             if ATOMIC:
-                tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask)
-                tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask)
+                tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask, sem="relaxed")
+                tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask, sem="relaxed")
             else:
                 tl.store(gnw_ptr + slot * D + cols, gnw, mask=col_mask)
                 tl.store(gnb_ptr + slot * D + cols, gnb, mask=col_mask)
         wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-        ga = tl.dot(g, wu.to(tl.float32), ga, input_precision=DOT_PRECISION)
-        gwu = scale * tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
+        g_dot = dot_operand(g, DOT_DTYPE)
+        ga = tl.dot(g_dot, dot_operand(wu, DOT_DTYPE), ga, input_precision=DOT_PRECISION)
+        gwu = scale * tl.dot(tl.trans(g_dot), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
         gbu = scale * tl.sum(g, axis=0)
         gwu_offs = slot * D * R + cols[:, None] * R + ranks[None, :]
         gwu_mask = col_mask[:, None] & rank_mask[None, :]
         if ATOMIC:
-            tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask)
-            tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask)
+            tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask, sem="relaxed")
+            tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask, sem="relaxed")
         else:
             tl.store(gwu_ptr + gwu_offs, gwu, mask=gwu_mask)
             tl.store(gbu_ptr + slot * D + cols, gbu, mask=col_mask)
     gh = scale * ga * gelu_grad(h)  # rows past M have g = 0, hence gh = 0
     gbd = tl.sum(gh, axis=0)
+    gh = dot_operand(gh, DOT_DTYPE)
     if ATOMIC:
-        tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask)
+        tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask, sem="relaxed")
     else:
         tl.store(gbd_ptr + slot * R + ranks, gbd, mask=rank_mask)
     if HAS_NORM and X_IS_BASE:
@@ -229,35 +230,46 @@ def _adapter_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         offs = row_off + cols[None, :]
         wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        gx = tl.dot(gh, wd.to(tl.float32), input_precision=DOT_PRECISION)
+        gx = tl.dot(gh, dot_operand(wd, DOT_DTYPE), input_precision=DOT_PRECISION)
         if X_IS_BASE:
             if HAS_NORM:
                 gx += tl.load(gres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 gx += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gwd = tl.dot(tl.trans(gh), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        gwd = tl.dot(tl.trans(gh), dot_operand(x, DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
         gwd_offs = slot * R * D + ranks[:, None] * D + cols[None, :]
         gwd_mask = rank_mask[:, None] & col_mask[None, :]
         if ATOMIC:
-            tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask)
+            tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask, sem="relaxed")
         else:
             tl.store(gwd_ptr + gwd_offs, gwd, mask=gwd_mask)
 
 
-def _tiles(M: int, D: int, R: int, block_m=None, block_d=None):
-    """(BLOCK_M, BLOCK_D, BLOCK_R): more rows per program at larger rank, so the weights are re-read less."""
-    block_r = block_size(R, lo=16, hi=64 if R <= 64 else triton.next_power_of_2(R))
-    block_m = block_m or block_size(M, lo=16, hi=64 if block_r <= 16 or block_r >= 256 else 128)
-    block_d = block_d or block_size(D, lo=16, hi=32 if block_r >= 128 else 128 if block_m <= 64 else 64)
-    return block_m, block_d, block_r
+# BLOCK_R -> (BLOCK_M, BLOCK_D, num_warps, num_stages), one table per dot-operand width; every entry is held to
+# an H100's shared memory and (16-bit, rank <= 64) to zero register spills by tests/test_sm90_gate.py.
+_TILES = {
+    16: {16: (64, 128, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
+    32: {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+}
 
 
-def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, *, block_m=None, block_d=None):
-    """Launcher for gist_fast::adapter_fwd: returns out, normed, mean, rstd (the last three empty without a norm)."""
+def _plan(R: int, dot_dtype, block_m=None, block_d=None):
+    """(BLOCK_M, BLOCK_D, BLOCK_R, num_warps, num_stages) for rank R; block_m / block_d override (tests)."""
+    block_r = max(16, triton.next_power_of_2(R))
+    bm, bd, warps, stages = _TILES[dot_dtype.primitive_bitwidth][block_r]
+    return block_m or bm, block_d or bd, block_r, warps, stages
+
+
+def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype=None,
+                *, block_m=None, block_d=None):
+    """Launcher for gist_fast::adapter_fwd: returns out, normed, mean, rstd (the last three empty without a norm).
+    dot_dtype: the autocast dtype the adapter's linears run in (None: the weights' dtype decides)."""
     M, D = x.shape
     R = w_down.shape[0]
+    check_rows(D, x=x, base=base, branch=branch, w_down=w_down, b_up=b_up, norm_weight=norm_weight, norm_bias=norm_bias)
+    check_rows(R, w_up=w_up, b_down=b_down)
     dtype = x.dtype
     for t in (base, branch):
         if t is not None:
@@ -273,40 +285,43 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
         mean, rstd = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
     if M == 0:
         return out, normed, mean, rstd
-    bm, bd, br = _tiles(M, D, R, block_m, block_d)
+    dot, precision = dot_config(w_down.dtype, dot_dtype)
+    bm, bd, br, warps, stages = _plan(R, dot, block_m, block_d)
     _adapter_fwd_kernel[(triton.cdiv(M, bm),)](
         x, base if base is not None else x, branch if branch is not None else x,
         w_down, b_down, w_up, b_up, out,
         normed if has_norm else out, norm_weight if has_norm else b_up, norm_bias if has_norm else b_up,
         mean if has_norm else out, rstd if has_norm else out,
         M, D, R, float(scale), float(eps),
-        HAS_BASE=base is not None, HAS_BRANCH=branch is not None, HAS_NORM=has_norm,
-        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype, out.dtype, w_down.dtype, w_up.dtype),
-        num_warps=num_warps(bm * bd), num_stages=1,  # no software pipelining: 3 stages of fp32 tiles overflow shared memory
+        HAS_BRANCH=branch is not None, HAS_NORM=has_norm,
+        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_DTYPE=dot, DOT_PRECISION=precision,
+        num_warps=warps, num_stages=stages,
     )
     return out, normed, mean, rstd
 
 
 def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
-                *, block_m=None, block_d=None, atomic=None):
+                dot_dtype=None, *, block_m=None, block_d=None, atomic=None):
     """Launcher for gist_fast::adapter_bwd: grad_x, grad_residual, the four adapter weight gradients and the two
-    LayerNorm affine gradients. Weight gradients: deterministic per-program fp32 partials summed in a fixed order,
-    or (rank > 16, where those partials would outweigh the activations) fp32 atomics."""
+    LayerNorm affine gradients. Weight gradients are reduced with relaxed fp32 atomics, or, under
+    torch.use_deterministic_algorithms(True) (or atomic=False), as per-program partials summed in a fixed order."""
     M, D = x.shape
     R = w_down.shape[0]
     has_norm = norm_weight is not None
+    check_rows(D, grad_out=grad_out, grad_normed=grad_normed, x=x, out=out, w_down=w_down, norm_weight=norm_weight)
+    check_rows(R, w_up=w_up, b_down=b_down)
     dev = x.device
-    bm, bd, br = _tiles(M, D, R, block_m, block_d)
+    dot, precision = dot_config(w_down.dtype, dot_dtype)
+    bm, bd, br, warps, stages = _plan(R, dot, block_m, block_d)
     grid = triton.cdiv(M, bm)
-    atomic = (R > 16) if atomic is None else atomic
+    atomic = not torch.are_deterministic_algorithms_enabled() if atomic is None else atomic
     slots = 1 if atomic else max(grid, 1)
-    alloc = torch.zeros if atomic or M == 0 else torch.empty
-    gwd = alloc((slots, R, D), dtype=torch.float32, device=dev)
-    gbd = alloc((slots, R), dtype=torch.float32, device=dev)
-    gwu = alloc((slots, D, R), dtype=torch.float32, device=dev)
-    gbu = alloc((slots, D), dtype=torch.float32, device=dev)
-    gnw = alloc((slots, D) if has_norm else (0,), dtype=torch.float32, device=dev)
-    gnb = alloc((slots, D) if has_norm else (0,), dtype=torch.float32, device=dev)
+    # fp32 weight gradients: partial sums per program, or one slot zeroed for all of them in one launch
+    shapes = [(R, D), (R,), (D, R), (D,)] + ([(D,), (D,)] if has_norm else [])
+    parts = [torch.empty((slots, *shape), dtype=torch.float32, device=dev) for shape in shapes]
+    if atomic or M == 0:
+        torch._foreach_zero_(parts)
+    gwd, gbd, gwu, gbu, *gn = parts
     grad_x = torch.empty_like(x)
     grad_res = torch.empty_like(grad_out) if has_norm else grad_out.new_empty((0,))
     if M > 0:
@@ -315,14 +330,14 @@ def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm
             out if has_norm else x, norm_weight if has_norm else b_down,
             mean if has_norm else gbd, rstd if has_norm else gbd,
             grad_x, grad_res if has_norm else grad_x,
-            gwd, gbd, gwu, gbu, gnw if has_norm else gbu, gnb if has_norm else gbu,
+            gwd, gbd, gwu, gbu, gn[0] if has_norm else gbu, gn[1] if has_norm else gbu,
             M, D, R, float(scale),
             HAS_NORM=has_norm, X_IS_BASE=bool(x_is_base), ATOMIC=atomic,
-            BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_PRECISION=dot_precision(x.dtype, grad_out.dtype, w_down.dtype, w_up.dtype),
-            num_warps=num_warps(bm * bd), num_stages=1,
+            BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, DOT_DTYPE=dot, DOT_PRECISION=precision,
+            num_warps=warps, num_stages=stages,
         )
-    return (
-        grad_x, grad_res,
-        gwd.sum(0).to(w_down.dtype), gbd.sum(0).to(b_down.dtype), gwu.sum(0).to(w_up.dtype), gbu.sum(0).to(w_up.dtype),
-        gnw.sum(0) if has_norm else gnw, gnb.sum(0) if has_norm else gnb,
-    )
+    g_wd, g_bd, g_wu, g_bu, *g_norm = (p[0] if atomic else p.sum(0) for p in parts)
+    if not has_norm:
+        g_norm = [g_bd.new_empty((0,)), g_bd.new_empty((0,))]  # two tensors: op outputs may not alias
+    return (grad_x, grad_res, g_wd.to(w_down.dtype), g_bd.to(b_down.dtype), g_wu.to(w_up.dtype), g_bu.to(w_up.dtype),
+            *g_norm)

@@ -1,6 +1,10 @@
 """`gist-fast bench` end to end on a tiny input: JSON, markdown and PNGs land in the output folder."""
+import inspect
 import json
 
+import torch
+
+import gist_fast
 from gist_fast import bench
 
 
@@ -25,3 +29,22 @@ def test_step_gflops_vit_base_about_70():
     import timm
 
     assert 65 < bench.step_gflops(timm.create_model("vit_base_patch16_224", pretrained=False)) < 75
+
+
+def test_time_budget_skips_later_cells_and_publishes_after_each(monkeypatch):
+    allows = iter([True] + [False] * 20)  # the budget runs out after the first cell
+    monkeypatch.setattr(bench.Deadline, "allows", lambda self, seconds=0.0: next(allows))
+    published = []
+    args = bench._parse(["--models", "vit_tiny", "--impls", "gist_fast,eager", "--batches", "2,3", "--steps", "1",
+                         "--warmup", "0", "--img-size", "32", "--device", "cpu", "--memory-budget", "none"])
+    result = bench.run(args, on_result=lambda r: published.append(len(r["rows"])))
+    assert published == [2, 4]  # one CPU cell times every implementation at one batch
+    assert [(r["impl"], r["batch"], "skipped" in r) for r in result["rows"]] == [
+        ("eager", 2, False), ("gist_fast", 2, False), ("eager", 3, True), ("gist_fast", 3, True)]
+    assert "| vit_tiny | gist_fast | 3 | skipped: time budget |" in bench.markdown(result)
+
+
+def test_default_patch_impl_and_git_sha_from_the_environment(monkeypatch):
+    assert bench.MEMORY["gist_fast_auto"] == inspect.signature(gist_fast.patch).parameters["memory"].default
+    monkeypatch.setenv("GIT_SHA", "abc1234")
+    assert bench.environment(torch.device("cpu"))["git_sha"] == "abc1234"

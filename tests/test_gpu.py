@@ -62,3 +62,65 @@ def test_vit_base_gist_step_matches_reference_under_bf16_autocast():
     assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1])
     cos = torch.nn.functional.cosine_similarity(fused.gist_token.grad.flatten(), ref.gist_token.grad.flatten(), dim=0)
     assert cos > 0.99
+
+
+@pytest.mark.parametrize("loss_fn", ["gist", "distill"])
+def test_loss_is_one_launch_each_way(loss_fn):
+    """Forward + backward of the fused loss: our two kernels, nothing else but autograd's seed gradient."""
+    fn = ops.gist_loss if loss_fn == "gist" else ops.distill_loss
+    a, b = (torch.randn(256, 1000, device="cuda", requires_grad=True) for _ in range(2))
+    y = torch.randint(0, 1000, (256,), device="cuda")
+    fn(a, b, y).backward()  # compile first
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(a, b, y).backward()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [k for k in kernels if "pair_loss" in k]
+    others = [k for k in kernels if "pair_loss" not in k and "fill" not in k.lower()]
+    assert len(ours) == 2 and not others, kernels
+
+
+def test_loss_captures_and_replays_in_a_cuda_graph():
+    a, b = (torch.randn(256, 100, device="cuda", requires_grad=True) for _ in range(2))
+    y = torch.randint(0, 100, (256,), device="cuda")
+    y[::9] = -100
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
+        for _ in range(2):
+            a.grad = b.grad = None
+            ops.gist_loss(a, b, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    a.grad = b.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = ops.gist_loss(a, b, y)
+        loss.backward()
+    for _ in range(3):
+        with torch.no_grad():
+            a.copy_(torch.randn_like(a) * 3)
+            b.copy_(torch.randn_like(b) * 3)
+        graph.replay()
+        torch.cuda.synchronize()
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+        ref = reference.gist_loss(a64, b64, y)
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_weight_gradients_deterministic_on_request():
+    from gist_fast.ops.adapter import adapter_bwd
+
+    rows, dim, rank = 128 * 198, 768, 64
+    x, go = torch.randn(rows, dim, device="cuda"), torch.randn(rows, dim, device="cuda")
+    wd, bd = torch.randn(rank, dim, device="cuda") * dim ** -0.5, torch.zeros(rank, device="cuda")
+    wu = torch.randn(dim, rank, device="cuda") * rank ** -0.5
+    args = (go, None, x, wd, bd, wu, 0.1, None, None, None, None, True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (adapter_bwd(*args) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))

@@ -6,6 +6,9 @@ import gist_fast
 from gist_fast import GistOutput
 
 DTYPE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# the fused losses run Triton on CUDA, C++ on CPU; the error checks stay on CPU (a bad label is a
+# device-side assert on CUDA, which would leave the process without a working CUDA context)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _softmax_T(z, T):
@@ -31,10 +34,10 @@ def _distill_formula(zs, zt, y, kind, T=5.0):
     return _ce(zs, y) + _ce(zt, y) + d
 
 
-def _pair(dtype, batch=6, classes=11):
+def _pair(dtype, batch=6, classes=11, device="cpu"):
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(batch, classes, generator=g) * 2 for _ in range(2))
-    return a.to(dtype), b.to(dtype), torch.randint(0, classes, (batch,), generator=g)
+    return a.to(device, dtype), b.to(device, dtype), torch.randint(0, classes, (batch,), generator=g).to(device)
 
 
 def _value_and_grads(fn, a, b):
@@ -44,21 +47,23 @@ def _value_and_grads(fn, a, b):
     return loss.detach().float(), a.grad.float(), b.grad.float()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gist_loss_equals_formula(fused, dtype):
-    a, b, y = _pair(dtype)
+def test_gist_loss_equals_formula(fused, dtype, device):
+    a, b, y = _pair(dtype, device=device)
     ours = _value_and_grads(lambda a, b: gist_fast.GistLoss(fused=fused)(GistOutput(a, b), y), a, b)
     expected = _value_and_grads(lambda a, b: _gist_formula(a.double(), b.double(), y), a, b)
     for o, e in zip(ours, expected):
         torch.testing.assert_close(o, e.float(), **DTYPE_TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["kl", "mse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_distill_loss_equals_formula(fused, kind, dtype):
-    s, t, y = _pair(dtype)
+def test_distill_loss_equals_formula(fused, kind, dtype, device):
+    s, t, y = _pair(dtype, device=device)
     ours = _value_and_grads(lambda s, t: gist_fast.DistillLoss(kind, fused=fused)(s, t, y), s, t)
     expected = _value_and_grads(lambda s, t: _distill_formula(s.double(), t.double(), y, kind), s, t)
     for o, e in zip(ours, expected):

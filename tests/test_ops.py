@@ -208,23 +208,25 @@ def test_loss_all_rows_ignored_is_nan_like_torch(backend):
 
 
 # ---------------------------------------------------------------- registration
-def test_opcheck_cpu_ops():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
     from torch.library import opcheck
 
-    x, wd, bd, wu, bu, base, branch, nw, nb = _adapter_inputs(6, 40, 4, torch.float32, "norm", "cpu")
+    device = _device(backend)
+    x, wd, bd, wu, bu, base, branch, nw, nb = _adapter_inputs(6, 40, 4, torch.float32, "norm", device)
     x2, br2 = x.reshape(-1, 40), branch.reshape(-1, 40)
-    a, b, t = _logits(5, 11, torch.float32, "cpu")
+    a, b, t = _logits(5, 11, torch.float32, device)
     for leaf in (x2, wd, bd, wu, bu, br2, nw, nb, a, b):
         leaf.requires_grad_(True)
     cases = [
         (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6)),
         (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, None, None, None, 0.0)),
-        (torch.ops.gist_fast.gist_loss_fwd.default, (a, b, t, 0.5, 0.75, 3.0, -100, True)),
-        (torch.ops.gist_fast.distill_loss_fwd.default, (a, b, t, 0, 5.0, -100, True)),
-        (torch.ops.gist_fast.distill_loss_fwd.default, (a, b, t, 1, 5.0, -100, True)),
-    ]
-    for op, args in cases:
-        opcheck(op, args)
+        (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6, torch.bfloat16)),
+    ] + [(torch.ops.gist_fast.pair_loss.default, (a, b, t, mode, 0.5, 0.75, 3.0, -100, reduction, True))
+         for mode in ("gist", "kl", "mse") for reduction in ("mean", "none")]
+    with _backend.force(backend):
+        for op, args in cases:
+            opcheck(op, args)
 
 
 def test_bad_inputs_raise_clear_errors():

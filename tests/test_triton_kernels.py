@@ -61,15 +61,60 @@ def test_adapter_small_chunks_and_both_reductions(rank, atomic, x_is_base):
         torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_adapter_weight_gradients_are_deterministic():
+@pytest.mark.parametrize("rank", [4, 40])
+def test_adapter_weight_gradients_are_deterministic_when_asked(rank):
+    """Under torch.use_deterministic_algorithms the weight gradients come from per-program partials summed in a
+    fixed order: the same bits as asking for that path directly, on every run."""
     from gist_fast.kernels.adapter import adapter_bwd
 
-    x, wd, bd, wu, bu, *_ = _adapter_case(300, 96, 4)
+    x, wd, bd, wu, bu, *_ = _adapter_case(300, 96, rank)
     go = torch.randn_like(x)
-    runs = [adapter_bwd(go, None, x, wd.float(), bd.float(), wu.float(), 0.1, None, None, None, None, True, block_m=16)
-            for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    args = (go, None, x, wd.float(), bd.float(), wu.float(), 0.1, None, None, None, None, True)
+    partials = adapter_bwd(*args, block_m=16, atomic=False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [adapter_bwd(*args, block_m=16) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(partials, *runs):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_adapter_launcher_refuses_strided_views():
+    from gist_fast.kernels.adapter import adapter_fwd
+
+    x, wd, bd, wu, bu, *_ = _adapter_case(32, 48, 4)
+    with pytest.raises(ValueError, match="x must be a contiguous"):
+        adapter_fwd(x.t().contiguous().t(), wd.float(), bd.float(), wu.float(), bu.float(), 0.1, None, None, None, None, 0.0)
+    with pytest.raises(ValueError, match="w_up must be a contiguous"):
+        adapter_fwd(x, wd.float(), bd.float(), wd.float().t(), bu.float(), 0.1, None, None, None, None, 0.0)
+
+
+def test_adapter_dots_run_at_the_autocast_precision_or_better():
+    """The accuracy contract under torch.autocast(bf16): fp32 residual stream and weights, bf16 branch. Eager
+    autocast runs both linears with bf16 operands; ours (bf16 operands, fp32 accumulation, fp32 GELU) must stay
+    within twice eager autocast's error against float64, for the outputs and every gradient."""
+    from gist_fast import ops
+    from oracle import assert_oracle
+
+    x, wd, bd, wu, bu, branch, nw, nb = _adapter_case(45, 80, 8)
+    inputs = [x.float(), wd.float(), bd.float(), wu.float(), bu.float(), branch.bfloat16(), nw.float(), nb.float()]
+    grads = [torch.randn(45, 80, device=DEVICE) for _ in range(2)]
+
+    def run(fn, autocast, dtype=None):
+        leaves = [(t.double() if dtype else t).detach().requires_grad_() for t in inputs]
+        with torch.autocast(DEVICE, torch.bfloat16, enabled=autocast):
+            out = fn(*leaves[:5], 0.1, leaves[6], leaves[7], 1e-6, branch=leaves[5])
+        torch.autograd.backward(out, [g.to(o.dtype) for o, g in zip(out, grads)])
+        return list(out) + [t.grad for t in leaves]
+
+    with _backend.force("triton"):
+        ours = run(ops.adapter_norm, True)
+    eager = run(reference.adapter_norm, True)
+    exact = run(reference.adapter_norm, False, torch.float64)
+    names = ["out", "normed", "x", "w_down", "b_down", "w_up", "b_up", "branch", "norm_w", "norm_b"]
+    for name, o, r, e in zip(names, ours, eager, exact):
+        assert_oracle(o.float(), r.float(), e, name, torch.bfloat16)
 
 
 def test_adapter_promotes_mixed_dtypes_and_empty_norm_outputs():
@@ -101,13 +146,10 @@ def _pair_rows(kind, a, b, target, temperature):
     return reference.distill_loss(a, b, target, kind, temperature, reduction="none")
 
 
-def _launch(kind, a, b, target, temperature, compute_grad=True):
-    from gist_fast.kernels.distill_loss import distill_loss_fwd
-    from gist_fast.kernels.gist_loss import gist_loss_fwd
+def _launch(kind, a, b, target, temperature, compute_grad=True, reduction="none"):
+    from gist_fast.kernels.losses import pair_loss_fwd
 
-    if kind == "gist":
-        return gist_loss_fwd(a, b, target, 0.5, 0.75, temperature, -100, compute_grad)
-    return distill_loss_fwd(a, b, target, ("kl", "mse").index(kind), temperature, -100, compute_grad)
+    return pair_loss_fwd(a, b, target, kind, 0.5, 0.75, temperature, -100, reduction, compute_grad)[:3]
 
 
 @pytest.mark.parametrize("kind", ["gist", "kl", "mse"])
@@ -140,23 +182,65 @@ def test_losses_target_at_minus_inf_is_infinite_and_no_grad_is_empty(kind):
     assert ga.shape == gb.shape == (0,)
 
 
-def test_scale_rows_fp32_math_in_storage_dtype():
-    from gist_fast.kernels.gist_loss import scale_rows
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_reduction_in_the_forward_launch_is_deterministic_and_rearms(reduction):
+    """The last program reduces the rows in a fixed order: bitwise equal on every call (the completion ticket
+    is left at zero), equal to the rows' mean / sum, ignored rows left out of the count."""
+    from gist_fast.kernels.losses import _ticket, pair_loss_fwd
 
-    grad = torch.randn(5, 3000, device=DEVICE).bfloat16()
-    scale = torch.rand(5, device=DEVICE) + 0.5
-    out = scale_rows(grad, scale)
-    assert out.dtype == torch.bfloat16
+    a, b = torch.randn(700, 37, device=DEVICE), torch.randn(700, 37, device=DEVICE)
+    target = torch.randint(0, 37, (700,), device=DEVICE)
+    target[::7] = -100
+    runs = [pair_loss_fwd(a, b, target, "gist", 0.5, 0.75, 3.0, -100, reduction, False) for _ in range(3)]
+    assert all(torch.equal(runs[0][0], r[0]) for r in runs) and _ticket(a.device).item() == 0
+    rows = reference.gist_loss(a, b, target, reduction="none")
+    expected = rows.sum() / (target != -100).sum() if reduction == "mean" else rows.sum()
+    torch.testing.assert_close(runs[0][0], expected, rtol=1e-5, atol=1e-5)
+    assert runs[0][3].item() == (target != -100).sum().item()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_loss_backward_scales_both_gradients_in_storage_dtype(reduction):
+    from gist_fast.kernels.losses import pair_loss_bwd
+
+    grad_a, grad_b = (torch.randn(5, 3000, device=DEVICE).bfloat16() for _ in range(2))
+    n_valid = torch.tensor(4.0, device=DEVICE)
+    upstream = torch.rand(5, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(1.7, device=DEVICE)
+    out_a, out_b = pair_loss_bwd(upstream, grad_a, grad_b, n_valid, reduction)
+    scale = upstream[:, None] if reduction == "none" else upstream / (n_valid if reduction == "mean" else 1.0)
     # exact on a GPU; the interpreter truncates fp32 -> bf16 instead of rounding to nearest (1 ulp)
     tol = 0 if torch.cuda.is_available() else 2 ** -7
-    torch.testing.assert_close(out, (grad.float() * scale[:, None]).bfloat16(), rtol=tol, atol=0)
+    for ours, g in ((out_a, grad_a), (out_b, grad_b)):
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours, (g.float() * scale).bfloat16(), rtol=tol, atol=0)
+    expanded = torch.tensor(2.0, device=DEVICE).expand(5)  # stride 0, as autograd hands a broadcast gradient
+    torch.testing.assert_close(pair_loss_bwd(expanded, grad_a, grad_b, n_valid, "none")[0], (grad_a.float() * 2).bfloat16(),
+                               rtol=tol, atol=0)
 
 
-def test_dot_precision_is_tf32_only_when_every_operand_is_16_bit():
-    """The interpreter ignores input_precision, so this is the only guard against tf32-rounding fp32 weights."""
-    from gist_fast.kernels._common import dot_precision
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA a device-side assert ends the process, as torch's CE")
+def test_loss_kernel_checks_labels_itself(monkeypatch):
+    """The launcher compiles the kernel with debug=True, which the interpreter ignores: turn it on there."""
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
 
-    assert dot_precision(torch.bfloat16, torch.float16) == "tf32"
-    assert dot_precision(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32) == "tf32x3"
-    assert dot_precision(torch.float32) == "tf32x3"
-    assert dot_precision(torch.float64) == "tf32x3"
+    from gist_fast.kernels.losses import pair_loss_fwd
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        interpreter.InterpreterOptions(debug=True, sanitize_overflow=False))
+    a = torch.randn(3, 10)
+    with pytest.raises((AssertionError, InterpreterError), match="outside \\[0, classes\\)"):
+        pair_loss_fwd(a, a.clone(), torch.tensor([1, 10, 2]), "gist", 0.5, 0.75, 3.0, -100, "mean", True)
+
+
+def test_dot_operands_are_16_bit_only_where_eager_runs_16_bit_linears():
+    """The interpreter ignores operand precision, so this is the only guard against rounding fp32 weights."""
+    import triton.language as tl
+
+    from gist_fast.kernels._common import dot_config
+
+    assert dot_config(torch.bfloat16) == (tl.bfloat16, "tf32")
+    assert dot_config(torch.float32, torch.bfloat16) == (tl.bfloat16, "tf32")  # autocast
+    assert dot_config(torch.float32, torch.float16)[0] == tl.float16
+    assert dot_config(torch.float32) == (tl.float32, "tf32x3")
+    assert dot_config(torch.float64) == (tl.float32, "tf32x3")

@@ -16,19 +16,19 @@ from gist_fast import reference
 from gist_fast.ops import _backend, adapter_torch
 
 _EMPTY = (0,)
-# The Triton kernels' largest rank: above it even a 64 x 32 tile's fp32 operands outgrow an H100's
-# 227 KiB of shared memory, and the plain-torch backend runs instead.
-_TRITON_MAX_RANK = 256
 
 
 def _impl(t: Tensor, rank: int):
+    """(forward, backward) for t's device; each takes the op's arguments and dot_dtype as a keyword."""
     backend = _backend.select(t)
-    if backend == "triton" and rank <= _TRITON_MAX_RANK:
+    if backend == "triton":
         from gist_fast.kernels import adapter as triton_adapter
 
-        return triton_adapter.adapter_fwd, triton_adapter.adapter_bwd
-    if backend == "cpp":
-        return torch.ops.gist_fast.adapter_fwd_cpu, torch.ops.gist_fast.adapter_bwd_cpu
+        if rank <= triton_adapter.MAX_RANK:  # above it: the plain-torch backend
+            return triton_adapter.adapter_fwd, triton_adapter.adapter_bwd
+    if backend == "cpp":  # fp32 math (bf16 GEMMs for bf16 inputs) whatever the autocast dtype
+        return (lambda *args, dot_dtype=None: torch.ops.gist_fast.adapter_fwd_cpu(*args),
+                lambda *args, dot_dtype=None: torch.ops.gist_fast.adapter_bwd_cpu(*args))
     return adapter_torch.adapter_fwd, adapter_torch.adapter_bwd  # any other device: the same math in torch
 
 
@@ -36,15 +36,17 @@ def _impl(t: Tensor, rank: int):
 def adapter_fwd(
     x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: float,
     base: Optional[Tensor], branch: Optional[Tensor],
-    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
+    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, dot_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, base, branch: (M, D). Returns out (M, D), normed (M, D), mean and rstd (M,) fp32; the last
-    three are empty when no norm is fused."""
-    return _impl(x, w_down.shape[0])[0](x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps)
+    three are empty when no norm is fused. dot_dtype: the autocast dtype the two linears run in, as eager
+    autocast runs nn.Linear (None: the weights' dtype); the op computes in fp32 otherwise."""
+    return _impl(x, w_down.shape[0])[0](x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps,
+                                        dot_dtype=dot_dtype)
 
 
 @adapter_fwd.register_fake
-def _(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps):
+def _(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype=None):
     dtype = _out_dtype(x, base, branch)
     out = x.new_empty(x.shape, dtype=dtype)
     if norm_weight is None:
@@ -57,16 +59,17 @@ def _(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias
 def adapter_bwd(
     grad_out: Tensor, grad_normed: Optional[Tensor], x: Tensor, w_down: Tensor, b_down: Tensor,
     w_up: Tensor, scale: float, out: Optional[Tensor], norm_weight: Optional[Tensor],
-    mean: Optional[Tensor], rstd: Optional[Tensor], x_is_base: bool,
+    mean: Optional[Tensor], rstd: Optional[Tensor], x_is_base: bool, dot_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns grad_x (x's dtype; includes the residual gradient when x_is_base), grad_residual (the
     total gradient reaching out, only when a norm is fused, else empty), the four adapter weight
     gradients (in the dtypes of w_down, b_down, w_up, w_up) and grad_norm_weight, grad_norm_bias (fp32 or empty)."""
-    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base)
+    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd,
+                                        x_is_base, dot_dtype=dot_dtype)
 
 
 @adapter_bwd.register_fake
-def _(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base):
+def _(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base, dot_dtype=None):
     fused_norm = norm_weight is not None
     residual = grad_out.new_empty(grad_out.shape if fused_norm else _EMPTY)
     norm_grad = x.new_empty(norm_weight.shape if fused_norm else _EMPTY, dtype=torch.float32)
@@ -78,9 +81,10 @@ def _(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, m
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps = inputs
+    x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype = inputs
     out, _, mean, rstd = output
     fused_norm = norm_weight is not None
+    ctx.dot_dtype = dot_dtype
     ctx.scale, ctx.has_base, ctx.has_branch, ctx.fused_norm = scale, base is not None, branch is not None, fused_norm
     ctx.dtypes = (base.dtype if base is not None else None, branch.dtype if branch is not None else None, b_up.dtype)
     ctx.save_for_backward(x, w_down, b_down, w_up, *((out, norm_weight, mean, rstd) if fused_norm else ()))
@@ -91,7 +95,7 @@ def _backward(ctx, grad_out, grad_normed, _grad_mean, _grad_rstd):
     out, norm_weight, mean, rstd = norm if ctx.fused_norm else (None,) * 4
     grad_x, grad_residual, g_wd, g_bd, g_wu, g_bu, g_nw, g_nb = adapter_bwd(
         grad_out.contiguous(), grad_normed.contiguous() if ctx.fused_norm else None, x, w_down, b_down, w_up,
-        ctx.scale, out, norm_weight, mean, rstd, not ctx.has_base,
+        ctx.scale, out, norm_weight, mean, rstd, not ctx.has_base, ctx.dot_dtype,
     )
     residual = grad_residual if ctx.fused_norm else grad_out
     base_dtype, branch_dtype, b_up_dtype = ctx.dtypes
@@ -101,11 +105,17 @@ def _backward(ctx, grad_out, grad_normed, _grad_mean, _grad_rstd):
         residual.to(branch_dtype) if ctx.has_branch else None,
         g_nw.to(norm_weight.dtype) if ctx.fused_norm else None,
         g_nb.to(norm_weight.dtype) if ctx.fused_norm else None,
-        None,
+        None, None,
     )
 
 
 adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run the adapter's linears in on x's device, or None outside autocast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
 def _out_dtype(x: Tensor, *others: Optional[Tensor]) -> torch.dtype:
@@ -139,7 +149,8 @@ def adapter(
     if not _backend.available(x):
         return reference.adapter(x, w_down, b_down, w_up, b_up, scale, base, branch)
     flat = [t.reshape(-1, x.shape[-1]).contiguous() if t is not None else None for t in (x, base, branch)]
-    out = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], None, None, 0.0)[0]
+    out = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], None, None, 0.0,
+                      autocast_dtype(x))[0]
     return out.view(x.shape)
 
 
@@ -155,5 +166,6 @@ def adapter_norm(
     if not _backend.available(x):
         return reference.adapter_norm(x, w_down, b_down, w_up, b_up, scale, norm_weight, norm_bias, eps, base, branch)
     flat = [t.reshape(-1, x.shape[-1]).contiguous() if t is not None else None for t in (x, base, branch)]
-    out, normed, _, _ = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], norm_weight, norm_bias, float(eps))
+    out, normed, _, _ = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], norm_weight, norm_bias,
+                                    float(eps), autocast_dtype(x))
     return out.view(x.shape), normed.view(x.shape)

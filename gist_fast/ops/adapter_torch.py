@@ -12,8 +12,9 @@ def _up(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps):
-    """out = base + branch + scale (W_up GELU(W_down x + b_down) + b_up), normed = LN(out); fp32 math."""
+def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype=None):
+    """out = base + branch + scale (W_up GELU(W_down x + b_down) + b_up), normed = LN(out); fp32 math
+    (at least as accurate as any dot_dtype asked for)."""
     dtype = x.dtype
     for t in (base, branch):
         if t is not None:
@@ -31,7 +32,7 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
     return out, normed, _up(mean.view(-1)), _up(rstd.view(-1))
 
 
-def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base):
+def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base, dot_dtype=None):
     """The gradients of adapter_fwd (the op's contract): grad_x (with the residual when
     x_is_base), grad_residual (total gradient at out, when a norm is fused), weight gradients, norm
     weight/bias gradients (fp32)."""

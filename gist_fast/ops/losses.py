@@ -1,10 +1,10 @@
-"""Fused one-pass losses: gist_fast::gist_loss_fwd (GIST) and gist_fast::distill_loss_fwd (iDAT).
+"""Fused one-pass losses: gist_fast::pair_loss (GIST, and iDAT with a KL or MSE term) and its backward.
 
-The forward op reads each row of both logit sets once (online softmax in chunks for large C) and
-returns the per-row losses (fp32) with their gradients d row / d logits; the backward only scales
-those by the upstream per-row gradient (gist_fast::scale_rows). The reduction ("mean" over the rows
-whose target is not ignore_index, "sum" or "none") is plain tensor math: no host synchronisation.
-Backends: Triton (kernels/gist_loss.py, kernels/distill_loss.py) on CUDA, C++ (csrc/losses.cpp) on CPU.
+The forward reads each row of both logit sets (online softmax in chunks for large C), returns the reduced loss
+("mean" over the rows whose target is not ignore_index, "sum", or the per-row losses for "none") with the
+per-row gradients d row / d logits and the count of rows not ignored; the backward scales those gradients by the
+upstream gradient. On CUDA each is one Triton launch (kernels/losses.py) with the label check, the count and the
+reduction inside, and no host sync; on CPU the C++ rows (csrc/losses.cpp) are reduced with plain tensor math.
 """
 from typing import Tuple
 
@@ -14,80 +14,93 @@ from torch import Tensor
 from gist_fast import reference
 from gist_fast.ops import _backend
 
-DISTILL_KINDS = ("kl", "mse")
-REDUCTIONS = ("mean", "sum", "none")
+MODES = ("gist", "kl", "mse")  # GIST; iDAT with KL(teacher || student); iDAT with the squared logit gap
+DISTILL_KINDS = MODES[1:]
+REDUCTIONS = ("none", "mean", "sum")
 
 
-def _kernels(t: Tensor):
-    if _backend.select(t) == "triton":
-        from gist_fast.kernels import distill_loss, gist_loss
-
-        return gist_loss.gist_loss_fwd, distill_loss.distill_loss_fwd, gist_loss.scale_rows
+def _cpu_pair_loss(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad):
     ops = torch.ops.gist_fast
-    return ops.gist_loss_fwd_cpu, ops.distill_loss_fwd_cpu, ops.scale_rows_cpu
+    if mode == "gist":
+        rows, grad_a, grad_b = ops.gist_loss_fwd_cpu(a, b, target, w_b, w_kl, temperature, ignore_index, compute_grad)
+    else:
+        rows, grad_a, grad_b = ops.distill_loss_fwd_cpu(a, b, target, DISTILL_KINDS.index(mode), temperature,
+                                                        ignore_index, compute_grad)
+    n_valid = (target != ignore_index).sum().float()
+    loss = rows if reduction == "none" else rows.sum() / n_valid if reduction == "mean" else rows.sum()
+    return loss, grad_a, grad_b, n_valid
 
 
-@torch.library.custom_op("gist_fast::gist_loss_fwd", mutates_args=())
-def gist_loss_fwd(
-    logits: Tensor, gist_logits: Tensor, target: Tensor, gist_weight: float, kl_weight: float,
-    temperature: float, ignore_index: int, compute_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """logits, gist_logits: (B, C); target: (B,) int64. Returns rows (B,) fp32 and, when compute_grad,
-    d rows[b] / d logits[b] and d rows[b] / d gist_logits[b] in the logits' dtype (else empty)."""
-    return _kernels(logits)[0](logits, gist_logits, target, gist_weight, kl_weight, temperature, ignore_index, compute_grad)
+def _cpu_pair_loss_bwd(upstream, grad_a, grad_b, n_valid, reduction):
+    scale = upstream.float() / n_valid if reduction == "mean" else upstream.float()
+    scale = scale.expand(grad_a.shape[:1]).contiguous()
+    return torch.ops.gist_fast.scale_rows_cpu(grad_a, scale), torch.ops.gist_fast.scale_rows_cpu(grad_b, scale)
 
 
-@torch.library.custom_op("gist_fast::distill_loss_fwd", mutates_args=())
-def distill_loss_fwd(
-    student: Tensor, teacher: Tensor, target: Tensor, kind: int, temperature: float, ignore_index: int,
-    compute_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """kind 0: CE(s) + CE(t) + KL(σ_T(t)||σ_T(s)); kind 1: CE(s) + CE(t) + mean_c (s - t)^2. Outputs as
-    gist_loss_fwd."""
-    return _kernels(student)[1](student, teacher, target, kind, temperature, ignore_index, compute_grad)
+def _impl(t: Tensor):
+    if _backend.select(t) == "triton":
+        from gist_fast.kernels import losses
+
+        return losses.pair_loss_fwd, losses.pair_loss_bwd
+    return _cpu_pair_loss, _cpu_pair_loss_bwd
 
 
-@torch.library.custom_op("gist_fast::scale_rows", mutates_args=())
-def scale_rows(grad: Tensor, row_scale: Tensor) -> Tensor:
-    """grad (B, C) * row_scale (B,)[:, None], fp32 math, in grad's dtype."""
-    return _kernels(grad)[2](grad, row_scale)
+@torch.library.custom_op("gist_fast::pair_loss", mutates_args=())
+def pair_loss(
+    a: Tensor, b: Tensor, target: Tensor, mode: str, w_b: float, w_kl: float, temperature: float,
+    ignore_index: int, reduction: str, compute_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """a, b: (B, C) logits of one dtype; target (B,) int64; mode in MODES. Returns the loss (() fp32, or (B,) fp32
+    rows for reduction "none"), d row / d a and d row / d b per row (a's dtype; empty unless compute_grad) and the
+    number of rows not ignored (() fp32). GIST: CE(a) + w_b CE(b) + w_kl (KL(σ_T(a)||σ_T(b)) + KL(σ_T(b)||σ_T(a)));
+    "kl": CE(a) + CE(b) + KL(σ_T(b)||σ_T(a)); "mse": CE(a) + CE(b) + mean_c (a - b)^2."""
+    return _impl(a)[0](a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad)
 
 
-def _fake_pair_loss(a, b, target, *args):
-    compute_grad = args[-1]
+@pair_loss.register_fake
+def _(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad):
+    loss = a.new_empty(a.shape[:1] if reduction == "none" else (), dtype=torch.float32)
     grads = [t.new_empty(t.shape if compute_grad else (0,)) for t in (a, b)]
-    return (a.new_empty(a.shape[:1], dtype=torch.float32), *grads)
+    return loss, *grads, a.new_empty((), dtype=torch.float32)
 
 
-gist_loss_fwd.register_fake(_fake_pair_loss)
-distill_loss_fwd.register_fake(_fake_pair_loss)
-scale_rows.register_fake(lambda grad, row_scale: grad.new_empty(grad.shape))
+@torch.library.custom_op("gist_fast::pair_loss_bwd", mutates_args=())
+def pair_loss_bwd(upstream: Tensor, grad_a: Tensor, grad_b: Tensor, n_valid: Tensor, reduction: str) -> Tuple[Tensor, Tensor]:
+    """The gradients of pair_loss's inputs a and b: the per-row gradients times the upstream gradient of the
+    loss (divided by n_valid for "mean")."""
+    return _impl(grad_a)[1](upstream, grad_a, grad_b, n_valid, reduction)
 
 
-def _save_row_grads(ctx, inputs, output):
+pair_loss_bwd.register_fake(lambda upstream, grad_a, grad_b, n_valid, reduction: (torch.empty_like(grad_a), torch.empty_like(grad_b)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[8]
     ctx.save_for_backward(*output[1:])
 
 
-def _scale_row_grads(ctx, grad_rows, _grad_a, _grad_b):
-    grad_a, grad_b = ctx.saved_tensors
-    grad_rows = grad_rows.float().contiguous()
-    return (scale_rows(grad_a, grad_rows), scale_rows(grad_b, grad_rows)) + (None,) * 6
+def _backward(ctx, upstream, _grad_a, _grad_b, _n_valid):
+    grad_a, grad_b, n_valid = ctx.saved_tensors
+    return (*pair_loss_bwd(upstream, grad_a, grad_b, n_valid, ctx.reduction),) + (None,) * 8
 
 
-gist_loss_fwd.register_autograd(lambda ctx, *g: _scale_row_grads(ctx, *g), setup_context=_save_row_grads)
-distill_loss_fwd.register_autograd(lambda ctx, *g: _scale_row_grads(ctx, *g)[:7], setup_context=_save_row_grads)
+pair_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_logits(a: Tensor, b: Tensor, target: Tensor, ignore_index: int, names: Tuple[str, str]) -> None:
-    """Shapes and label range, with a clear message; the label check is asynchronous on CUDA."""
+def check_logits(a: Tensor, b: Tensor, target: Tensor, names: Tuple[str, str]) -> None:
+    """Shapes and dtypes, with a clear message."""
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"{names[0]} and {names[1]} must both be (batch, classes), got {tuple(a.shape)} and {tuple(b.shape)}")
     if target.shape != a.shape[:1] or target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must be integer class indices of shape ({a.shape[0]},), got {target.dtype} {tuple(target.shape)}")
     if not a.is_floating_point() or a.dtype != b.dtype:
         raise ValueError(f"{names[0]} and {names[1]} must share one floating dtype, got {a.dtype} and {b.dtype}")
-    in_range = ((target >= 0) & (target < a.shape[1])) | (target == ignore_index)
-    torch._assert_async(in_range.all(), f"target labels must lie in [0, {a.shape[1]}) or equal ignore_index={ignore_index}")
+
+
+def check_labels(target: Tensor, classes: int, ignore_index: int) -> None:
+    """Labels in [0, classes) or ignore_index; asynchronous on CUDA (the Triton kernel checks its own)."""
+    in_range = ((target >= 0) & (target < classes)) | (target == ignore_index)
+    torch._assert_async(in_range.all(), f"target labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
 
 
 def check_options(temperature: float, reduction: str) -> None:
@@ -97,11 +110,17 @@ def check_options(temperature: float, reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total if reduction == "sum" else total / (target != ignore_index).sum()
+def _loss(mode: str, a: Tensor, b: Tensor, target: Tensor, w_b: float, w_kl: float, temperature: float,
+          ignore_index: int, reduction: str, fused: bool, reference_loss) -> Tensor:
+    """The fused op, or reference_loss() where it is off or no backend serves the device."""
+    backend = _backend.select(a) if fused else "reference"
+    if backend != "triton":
+        check_labels(target, a.shape[1], ignore_index)
+    if backend == "reference":
+        return reference_loss()
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    return pair_loss(a.contiguous(), b.contiguous(), target.long().contiguous(), mode, float(w_b), float(w_kl),
+                     float(temperature), int(ignore_index), reduction, needs_grad)[0]
 
 
 def gist_loss(
@@ -112,13 +131,10 @@ def gist_loss(
 
     fused=False (or no backend for the device) runs gist_fast.reference after the same checks."""
     check_options(temperature, reduction)
-    check_logits(logits, gist_logits, target, ignore_index, ("logits", "gist_logits"))
-    if not fused or not _backend.available(logits):
-        return reference.gist_loss(logits, gist_logits, target, gist_weight, kl_weight, temperature, ignore_index, reduction)
-    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or gist_logits.requires_grad)
-    rows = gist_loss_fwd(logits.contiguous(), gist_logits.contiguous(), target.long().contiguous(), float(gist_weight),
-                         float(kl_weight), float(temperature), int(ignore_index), needs_grad)[0]
-    return _reduce(rows, target, ignore_index, reduction)
+    check_logits(logits, gist_logits, target, ("logits", "gist_logits"))
+    return _loss("gist", logits, gist_logits, target, gist_weight, kl_weight, temperature, ignore_index, reduction, fused,
+                 lambda: reference.gist_loss(logits, gist_logits, target, gist_weight, kl_weight, temperature,
+                                             ignore_index, reduction))
 
 
 def distill_loss(
@@ -129,10 +145,6 @@ def distill_loss(
     check_options(temperature, reduction)
     if kind not in DISTILL_KINDS:
         raise ValueError(f"distill kind must be one of {DISTILL_KINDS}, got {kind!r}")
-    check_logits(student, teacher, target, ignore_index, ("student", "teacher"))
-    if not fused or not _backend.available(student):
-        return reference.distill_loss(student, teacher, target, kind, temperature, ignore_index, reduction)
-    needs_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
-    rows = distill_loss_fwd(student.contiguous(), teacher.contiguous(), target.long().contiguous(),
-                            DISTILL_KINDS.index(kind), float(temperature), int(ignore_index), needs_grad)[0]
-    return _reduce(rows, target, ignore_index, reduction)
+    check_logits(student, teacher, target, ("student", "teacher"))
+    return _loss(kind, student, teacher, target, 1.0, 0.0, temperature, ignore_index, reduction, fused,
+                 lambda: reference.distill_loss(student, teacher, target, kind, temperature, ignore_index, reduction))
