@@ -30,8 +30,9 @@ def check_rows(width: int, **tensors) -> None:
                              f"{tuple(t.shape)} with strides {t.stride()}")
 
 
-# The interpreter multiplies bf16 dot operands as raw bits. There the operands are rounded to the dot dtype and
-# multiplied in fp32: the same products, since a tensor core multiplies 16-bit operands exactly into fp32.
+# The interpreter multiplies bf16 dot operands as raw bits and truncates fp32 -> bf16. There the operands are
+# rounded to nearest even by hand and multiplied in fp32: the same products, since a tensor core multiplies
+# 16-bit operands exactly into fp32.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -39,7 +40,12 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 def dot_operand(t, DOT_DTYPE: tl.constexpr):
     """t rounded to the dot operand dtype."""
     if _INTERPRET:
-        return t.to(DOT_DTYPE).to(tl.float32)
+        if DOT_DTYPE == tl.bfloat16:
+            bits = t.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return t.to(DOT_DTYPE).to(tl.float32)
     else:
         return t.to(DOT_DTYPE)
 

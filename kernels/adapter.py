@@ -106,6 +106,12 @@ def _adapter_fwd_kernel(
             tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _accumulate(ptrs, values, mask):
+    """values added into a partial-gradient slot that only this program writes: no atomics, a fixed order."""
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "R"])
 def _adapter_bwd_kernel(
     gout_ptr,  # (M, D) upstream gradient of out
@@ -120,7 +126,7 @@ def _adapter_bwd_kernel(
     rstd_ptr,  # (M,) fp32 LayerNorm rstd of out (HAS_NORM)
     gx_ptr,  # (M, D) out: grad of x, x's dtype
     gres_ptr,  # (M, D) out: g, the total gradient reaching out, gout's dtype (HAS_NORM)
-    gwd_ptr,  # (P, R, D) fp32 out: this program's partial grad of W_d (P = 1 and atomic adds with ATOMIC)
+    gwd_ptr,  # (P, R, D) fp32, zeroed: per-program partial grad of W_d (P = 1 and relaxed atomic adds with ATOMIC)
     gbd_ptr,  # (P, R) fp32 out: partial grad of b_d
     gwu_ptr,  # (P, D, R) fp32 out: partial grad of W_u
     gbu_ptr,  # (P, D) fp32 out: partial grad of b_u
@@ -132,7 +138,8 @@ def _adapter_bwd_kernel(
     scale,  # float: adapter output scale
     HAS_NORM: tl.constexpr,  # a LayerNorm was fused: g = gout + LayerNorm backward of gnormed
     X_IS_BASE: tl.constexpr,  # the residual was x: grad_x also gets g
-    ATOMIC: tl.constexpr,  # reduce the weight gradients with relaxed fp32 atomics into slot 0, else per-program slots
+    ATOMIC: tl.constexpr,  # one row tile per program, weight gradients added into slot 0 with relaxed fp32 atomics;
+    # else a persistent grid of P programs, each summing its row tiles' weight gradients into its own slot
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per chunk
     BLOCK_R: tl.constexpr,  # rank padded to a power of two >= 16
@@ -142,123 +149,135 @@ def _adapter_bwd_kernel(
     """g = gout + rstd (w gn - mean(xhat w gn) xhat - mean(w gn)); h = x W_d^T + b_d; gh = scale (g W_u) GELU'(h);
     grad_x = gh W_d (+ g); dW_u = scale g^T GELU(h); db_u = scale sum g; dW_d = gh^T x; db_d = sum gh."""
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    row_off = rows[:, None] * D
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < R
     cols0 = tl.arange(0, BLOCK_D)
     slot = 0 if ATOMIC else pid  # this program's partial-gradient slot
-    # pass A: h = x W_d^T, and the LayerNorm backward row sums c1 = sum(xhat w gn), c2 = sum(w gn)
-    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    c1 = tl.zeros((BLOCK_M,), tl.float32)
-    c2 = tl.zeros((BLOCK_M,), tl.float32)
-    if HAS_NORM:
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_off + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
-        h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):  # one tile per program with ATOMIC
+        if not ATOMIC:
+            tl.debug_barrier()  # the previous tile's slot updates land before this tile reads them back
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        row_off = rows[:, None] * D
+        # pass A: h = x W_d^T, and the LayerNorm backward row sums c1 = sum(xhat w gn), c2 = sum(w gn)
+        h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        c1 = tl.zeros((BLOCK_M,), tl.float32)
+        c2 = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
-            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            xhat = (o - mean[:, None]) * rstd[:, None]
-            wgn = w[None, :] * gn
-            c1 += tl.sum(xhat * wgn, axis=1)
-            c2 += tl.sum(wgn, axis=1)
-    c1 = c1 / D
-    c2 = c2 / D
-    bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
-    h += bd[None, :]
-    a = dot_operand(gelu(h), DOT_DTYPE)
-    # pass B: g, ga = g W_u, and the partial gradients of W_u, b_u and the LayerNorm affine
-    ga = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_off + cols[None, :]
-        g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            xhat = (o - mean[:, None]) * rstd[:, None]
-            g += rstd[:, None] * (w[None, :] * gn - (xhat * c1[:, None] + c2[:, None]))
-            g = tl.where(mask, g, 0.0)
-            tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
-            gnw = tl.sum(gn * xhat, axis=0)
-            gnb = tl.sum(gn, axis=0)
-            if ATOMIC:
-                tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask, sem="relaxed")
-                tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask, sem="relaxed")
-            else:
-                tl.store(gnw_ptr + slot * D + cols, gnw, mask=col_mask)
-                tl.store(gnb_ptr + slot * D + cols, gnb, mask=col_mask)
-        wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-        g_dot = dot_operand(g, DOT_DTYPE)
-        ga = tl.dot(g_dot, dot_operand(wu, DOT_DTYPE), ga, input_precision=DOT_PRECISION)
-        gwu = scale * tl.dot(tl.trans(g_dot), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
-        gbu = scale * tl.sum(g, axis=0)
-        gwu_offs = slot * D * R + cols[:, None] * R + ranks[None, :]
-        gwu_mask = col_mask[:, None] & rank_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask, sem="relaxed")
-            tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask, sem="relaxed")
-        else:
-            tl.store(gwu_ptr + gwu_offs, gwu, mask=gwu_mask)
-            tl.store(gbu_ptr + slot * D + cols, gbu, mask=col_mask)
-    gh = scale * ga * gelu_grad(h)  # rows past M have g = 0, hence gh = 0
-    gbd = tl.sum(gh, axis=0)
-    gh = dot_operand(gh, DOT_DTYPE)
-    if ATOMIC:
-        tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask, sem="relaxed")
-    else:
-        tl.store(gbd_ptr + slot * R + ranks, gbd, mask=rank_mask)
-    if HAS_NORM and X_IS_BASE:
-        tl.debug_barrier()  # pass C reads g back from gres
-    # pass C: grad_x = gh W_d (+ g) and the partial gradient of W_d
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_off + cols[None, :]
-        wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        gx = tl.dot(gh, dot_operand(wd, DOT_DTYPE), input_precision=DOT_PRECISION)
-        if X_IS_BASE:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols0
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = row_off + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+            h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
             if HAS_NORM:
-                gx += tl.load(gres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                xhat = (o - mean[:, None]) * rstd[:, None]
+                wgn = w[None, :] * gn
+                c1 += tl.sum(xhat * wgn, axis=1)
+                c2 += tl.sum(wgn, axis=1)
+        c1 = c1 / D
+        c2 = c2 / D
+        bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
+        h += bd[None, :]
+        a = dot_operand(gelu(h), DOT_DTYPE)
+        # pass B: g, ga = g W_u, and the partial gradients of W_u, b_u and the LayerNorm affine
+        ga = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols0
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = row_off + cols[None, :]
+            g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                gn = tl.load(gnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                xhat = (o - mean[:, None]) * rstd[:, None]
+                g += rstd[:, None] * (w[None, :] * gn - (xhat * c1[:, None] + c2[:, None]))
+                g = tl.where(mask, g, 0.0)
+                tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
+                gnw = tl.sum(gn * xhat, axis=0)
+                gnb = tl.sum(gn, axis=0)
+                if ATOMIC:
+                    tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask, sem="relaxed")
+                    tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask, sem="relaxed")
+                else:
+                    _accumulate(gnw_ptr + slot * D + cols, gnw, col_mask)
+                    _accumulate(gnb_ptr + slot * D + cols, gnb, col_mask)
+            wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+            g_dot = dot_operand(g, DOT_DTYPE)
+            ga = tl.dot(g_dot, dot_operand(wu, DOT_DTYPE), ga, input_precision=DOT_PRECISION)
+            gwu = scale * tl.dot(tl.trans(g_dot), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
+            gbu = scale * tl.sum(g, axis=0)
+            gwu_offs = slot * D * R + cols[:, None] * R + ranks[None, :]
+            gwu_mask = col_mask[:, None] & rank_mask[None, :]
+            if ATOMIC:
+                tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask, sem="relaxed")
+                tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask, sem="relaxed")
             else:
-                gx += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        gwd = tl.dot(tl.trans(gh), dot_operand(x, DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
-        gwd_offs = slot * R * D + ranks[:, None] * D + cols[None, :]
-        gwd_mask = rank_mask[:, None] & col_mask[None, :]
+                _accumulate(gwu_ptr + gwu_offs, gwu, gwu_mask)
+                _accumulate(gbu_ptr + slot * D + cols, gbu, col_mask)
+        gh = scale * ga * gelu_grad(h)  # rows past M have g = 0, hence gh = 0
+        gbd = tl.sum(gh, axis=0)
+        gh = dot_operand(gh, DOT_DTYPE)
         if ATOMIC:
-            tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask, sem="relaxed")
+            tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask, sem="relaxed")
         else:
-            tl.store(gwd_ptr + gwd_offs, gwd, mask=gwd_mask)
+            _accumulate(gbd_ptr + slot * R + ranks, gbd, rank_mask)
+        if HAS_NORM and X_IS_BASE:
+            tl.debug_barrier()  # pass C reads g back from gres
+        # pass C: grad_x = gh W_d (+ g) and the partial gradient of W_d
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols0
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = row_off + cols[None, :]
+            wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+            gx = tl.dot(gh, dot_operand(wd, DOT_DTYPE), input_precision=DOT_PRECISION)
+            if X_IS_BASE:
+                if HAS_NORM:
+                    gx += tl.load(gres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    gx += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            gwd = tl.dot(tl.trans(gh), dot_operand(x, DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
+            gwd_offs = slot * R * D + ranks[:, None] * D + cols[None, :]
+            gwd_mask = rank_mask[:, None] & col_mask[None, :]
+            if ATOMIC:
+                tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask, sem="relaxed")
+            else:
+                _accumulate(gwd_ptr + gwd_offs, gwd, gwd_mask)
 
 
-# BLOCK_R -> (BLOCK_M, BLOCK_D, num_warps, num_stages), one table per dot-operand width; every entry is held to
-# an H100's shared memory and (16-bit, rank <= 64) to zero register spills by tests/test_sm90_gate.py.
+# BLOCK_R -> (BLOCK_M, BLOCK_D, num_warps, num_stages) per pass (the backward holds more tiles: narrower chunks)
+# and dot-operand width; every entry is held to an H100's shared memory and (16-bit, rank <= 64) to zero
+# register spills by tests/test_sm90_gate.py.
 _TILES = {
-    16: {16: (64, 128, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
-    32: {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    ("fwd", 16): {16: (64, 128, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
+    ("bwd", 16): {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
+    ("fwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    ("bwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
 
 
-def _plan(R: int, dot_dtype, block_m=None, block_d=None):
-    """(BLOCK_M, BLOCK_D, BLOCK_R, num_warps, num_stages) for rank R; block_m / block_d override (tests)."""
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the deterministic backward: one per SM, so its fp32 partials stay one wave's worth."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _plan(direction: str, R: int, dot_dtype, block_m=None, block_d=None):
+    """(BLOCK_M, BLOCK_D, BLOCK_R, num_warps, num_stages) of the "fwd" or "bwd" kernel for rank R; block_m /
+    block_d override (tests)."""
     block_r = max(16, triton.next_power_of_2(R))
-    bm, bd, warps, stages = _TILES[dot_dtype.primitive_bitwidth][block_r]
+    bm, bd, warps, stages = _TILES[direction, dot_dtype.primitive_bitwidth][block_r]
     return block_m or bm, block_d or bd, block_r, warps, stages
 
 
@@ -286,7 +305,7 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
     if M == 0:
         return out, normed, mean, rstd
     dot, precision = dot_config(w_down.dtype, dot_dtype)
-    bm, bd, br, warps, stages = _plan(R, dot, block_m, block_d)
+    bm, bd, br, warps, stages = _plan("fwd", R, dot, block_m, block_d)
     _adapter_fwd_kernel[(triton.cdiv(M, bm),)](
         x, base if base is not None else x, branch if branch is not None else x,
         w_down, b_down, w_up, b_up, out,
@@ -303,8 +322,9 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
 def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
                 dot_dtype=None, *, block_m=None, block_d=None, atomic=None):
     """Launcher for gist_fast::adapter_bwd: grad_x, grad_residual, the four adapter weight gradients and the two
-    LayerNorm affine gradients. Weight gradients are reduced with relaxed fp32 atomics, or, under
-    torch.use_deterministic_algorithms(True) (or atomic=False), as per-program partials summed in a fixed order."""
+    LayerNorm affine gradients. Weight gradients are reduced with relaxed fp32 atomics or, under
+    torch.use_deterministic_algorithms(True) (or atomic=False), by one program per SM, each summing its row
+    tiles into its own fp32 slot, and the slots summed in a fixed order."""
     M, D = x.shape
     R = w_down.shape[0]
     has_norm = norm_weight is not None
@@ -312,15 +332,14 @@ def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm
     check_rows(R, w_up=w_up, b_down=b_down)
     dev = x.device
     dot, precision = dot_config(w_down.dtype, dot_dtype)
-    bm, bd, br, warps, stages = _plan(R, dot, block_m, block_d)
-    grid = triton.cdiv(M, bm)
+    bm, bd, br, warps, stages = _plan("bwd", R, dot, block_m, block_d)
+    tiles = triton.cdiv(M, bm)
     atomic = not torch.are_deterministic_algorithms_enabled() if atomic is None else atomic
-    slots = 1 if atomic else max(grid, 1)
-    # fp32 weight gradients: partial sums per program, or one slot zeroed for all of them in one launch
+    grid = tiles if atomic else max(1, min(tiles, _persistent_programs(dev)))
+    # fp32 weight gradients, zeroed in one launch: one slot shared through atomics, or one per program
     shapes = [(R, D), (R,), (D, R), (D,)] + ([(D,), (D,)] if has_norm else [])
-    parts = [torch.empty((slots, *shape), dtype=torch.float32, device=dev) for shape in shapes]
-    if atomic or M == 0:
-        torch._foreach_zero_(parts)
+    parts = [torch.empty((1 if atomic else grid, *shape), dtype=torch.float32, device=dev) for shape in shapes]
+    torch._foreach_zero_(parts)
     gwd, gbd, gwu, gbu, *gn = parts
     grad_x = torch.empty_like(x)
     grad_res = torch.empty_like(grad_out) if has_norm else grad_out.new_empty((0,))

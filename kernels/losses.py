@@ -3,8 +3,10 @@ logit sets, their gradients and the batch reduction in the forward kernel; the u
 
 The forward reads each row of both logit sets twice (online softmax statistics, then the gradients), writes the
 per-row loss and gradients, and the last program to finish (a completion ticket) sums the row losses in a fixed
-order, counts the rows that are not ignored and writes the reduced loss: no host sync, no second launch, the
-same result on every run, and capturable in a CUDA graph (the ticket counter is left at zero).
+order, counts the rows that are not ignored and writes the reduced loss: no host sync, no second kernel, the
+same result on every run, and capturable in a CUDA graph. The ticket is a fresh zeroed int32 per call (a 4-byte
+fill): a counter cached across calls would be shared by graphs replayed on other streams, or handed to another
+tensor by a CUDA-graph memory pool, and one missed count would leave every later loss unwritten.
 """
 import torch
 import triton
@@ -28,7 +30,7 @@ def _pair_loss_fwd_kernel(
     grad_b_ptr,  # (B, C) out, b's dtype: d rows[b] / d z_b[b] (COMPUTE_GRAD)
     loss_ptr,  # () fp32 out: the mean (reduction 1) or sum of rows
     n_valid_ptr,  # () fp32 out: rows whose target is not ignore_index
-    ticket_ptr,  # () int32: programs finished so far; 0 on entry, reset to 0 by the last program
+    ticket_ptr,  # () int32: programs finished so far, 0 on entry
     B,  # rows
     C,  # classes
     w_b,  # float: weight of CE(z_b) (GIST)
@@ -129,7 +131,6 @@ def _pair_loss_fwd_kernel(
             count += tl.sum((labels != ignore_index).to(tl.float32), axis=0)
         tl.store(loss_ptr, tl.where(reduction == 1, total / count, total))  # 0 / 0 = NaN, as torch's mean CE
         tl.store(n_valid_ptr, count)
-        tl.store(ticket_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["upstream_stride", "reduction"])
@@ -167,19 +168,6 @@ def _block_c(C: int) -> int:
     return next((b for b in _BLOCK_C if C <= b), _BLOCK_C[-1])
 
 
-_TICKETS = {}
-
-
-def _ticket(device: torch.device) -> torch.Tensor:
-    """The forward's completion counter, one per device and stream (two streams never share one); the kernel
-    leaves it at zero, so it is allocated and zeroed once."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros((), dtype=torch.int32, device=device)
-    return _TICKETS[key]
-
-
 def pair_loss_fwd(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad):
     """Launcher for gist_fast::pair_loss. Returns the loss (() fp32, or the (B,) fp32 rows for "none"), the
     per-row gradients of a and b (a's dtype; empty without compute_grad) and the count of rows not ignored."""
@@ -198,7 +186,7 @@ def pair_loss_fwd(a, b, target, mode, w_b, w_kl, temperature, ignore_index, redu
     block = _block_c(C)
     _pair_loss_fwd_kernel[(B,)](
         a, b, target, rows, grad_a if compute_grad else rows, grad_b if compute_grad else rows, loss, n_valid,
-        _ticket(dev), B, C, float(w_b), float(w_kl), 1.0 / float(temperature), int(ignore_index), red,
+        torch.zeros((), dtype=torch.int32, device=dev), B, C, float(w_b), float(w_kl), 1.0 / float(temperature), int(ignore_index), red,
         MODE=MODES.index(mode), COMPUTE_GRAD=bool(compute_grad), BLOCK_C=block, BLOCK_B=_BLOCK_B,
         num_warps=4 if block <= 1024 else 8,
         debug=True, sanitize_overflow=False,  # keep the label check (device_assert), without integer-overflow checks

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.skipif(
     reason="Triton needs CUDA or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if _backend.HAS_TRITON:
+    from gist_fast.kernels._common import dot_operand  # a global, where @triton.jit test kernels look names up
 
 
 def _adapter_case(rows, dim, rank, dtype=torch.float32, seed=0):
@@ -183,16 +185,16 @@ def test_losses_target_at_minus_inf_is_infinite_and_no_grad_is_empty(kind):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_loss_reduction_in_the_forward_launch_is_deterministic_and_rearms(reduction):
-    """The last program reduces the rows in a fixed order: bitwise equal on every call (the completion ticket
-    is left at zero), equal to the rows' mean / sum, ignored rows left out of the count."""
-    from gist_fast.kernels.losses import _ticket, pair_loss_fwd
+def test_loss_reduction_in_the_forward_launch_is_deterministic(reduction):
+    """The last program reduces the rows in a fixed order: bitwise equal on every call, equal to the rows'
+    mean / sum, ignored rows left out of the count."""
+    from gist_fast.kernels.losses import pair_loss_fwd
 
-    a, b = torch.randn(700, 37, device=DEVICE), torch.randn(700, 37, device=DEVICE)
-    target = torch.randint(0, 37, (700,), device=DEVICE)
+    a, b = torch.randn(300, 37, device=DEVICE), torch.randn(300, 37, device=DEVICE)
+    target = torch.randint(0, 37, (300,), device=DEVICE)
     target[::7] = -100
     runs = [pair_loss_fwd(a, b, target, "gist", 0.5, 0.75, 3.0, -100, reduction, False) for _ in range(3)]
-    assert all(torch.equal(runs[0][0], r[0]) for r in runs) and _ticket(a.device).item() == 0
+    assert all(torch.equal(runs[0][0], r[0]) for r in runs)
     rows = reference.gist_loss(a, b, target, reduction="none")
     expected = rows.sum() / (target != -100).sum() if reduction == "mean" else rows.sum()
     torch.testing.assert_close(runs[0][0], expected, rtol=1e-5, atol=1e-5)
@@ -244,3 +246,19 @@ def test_dot_operands_are_16_bit_only_where_eager_runs_16_bit_linears():
     assert dot_config(torch.float32, torch.float16)[0] == tl.float16
     assert dot_config(torch.float32) == (tl.float32, "tf32x3")
     assert dot_config(torch.float64) == (tl.float32, "tf32x3")
+
+
+def test_dot_operands_round_to_nearest_even():
+    """bf16 dot operands are rounded as a GPU rounds them (the interpreter's own cast truncates)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def round_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(y_ptr + offs, dot_operand(tl.load(x_ptr + offs), tl.bfloat16).to(tl.float32))
+
+    x = torch.randn(4096, device=DEVICE) * 10
+    y = torch.empty_like(x)
+    round_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y, x.bfloat16().float())
