@@ -250,6 +250,19 @@ def test_bad_inputs_raise_clear_errors():
         ops.distill_loss(a, b, t, reduction="avg")
 
 
+def test_float64_takes_the_reference_path():
+    """The kernels compute in fp32 at most: float64 (a user's double-precision check) runs the reference, exactly."""
+    x, wd, bd, wu, bu, base, branch, nw, nb = (t.double() if t is not None else None
+                                               for t in _adapter_inputs(4, 32, 4, torch.float32, "norm", "cpu"))
+    torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1, branch=branch),
+                               reference.adapter(x, wd, bd, wu, bu, 0.1, branch=branch), rtol=0, atol=0)
+    torch.testing.assert_close(ops.adapter_norm(x, wd, bd, wu, bu, 0.1, nw, nb, branch=branch),
+                               reference.adapter_norm(x, wd, bd, wu, bu, 0.1, nw, nb, branch=branch), rtol=0, atol=0)
+    a, b, t = (v.double() if v.is_floating_point() else v for v in _logits(5, 11, torch.float32, "cpu"))
+    torch.testing.assert_close(ops.gist_loss(a, b, t), reference.gist_loss(a, b, t), rtol=0, atol=0)
+    torch.testing.assert_close(ops.distill_loss(a, b, t, "mse"), reference.distill_loss(a, b, t, "mse"), rtol=0, atol=0)
+
+
 def test_reference_fallback_when_no_backend(monkeypatch):
     """With no fused backend the public functions are the reference, autograd and all."""
     monkeypatch.setattr(_backend, "select", lambda t: "reference")

@@ -41,8 +41,13 @@ def force(backend: Optional[str]) -> Iterator[None]:
         _forced = previous
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels compute in; others: reference
+
+
 def select(t: torch.Tensor) -> str:
-    """The backend for tensors on t's device: 'triton', 'cpp' or 'reference'."""
+    """The backend for tensors like t (device and dtype): 'triton', 'cpp' or 'reference'."""
+    if t.dtype not in FUSED_DTYPES:
+        return "reference"
     if _forced is not None:
         return _forced
     if t.device.type == "cuda" and HAS_TRITON:
