@@ -95,11 +95,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _dot(dt: torch.dtype) -> Optional[torch.dtype]:
-    """The adapters' dot dtype: the block's 16-bit compute dtype, as eager autocast runs their linears."""
-    return dt if dt in (torch.bfloat16, torch.float16) else None
-
-
 def _drop_mask(dp: nn.Module, like: Tensor, training: bool) -> Optional[Tensor]:
     """DropPath's per-sample mask (already divided by keep_prob), drawn exactly as timm draws it."""
     if isinstance(dp, nn.Identity) or not training or getattr(dp, "drop_prob", 0.0) == 0.0:
@@ -166,7 +161,7 @@ class _LeanBlock(torch.autograd.Function):
             xr = xc.to(res_dtype).reshape(-1, D)
             a_flat = a.detach().reshape(-1, D)
             if ctx.gist:
-                x1, h2, mean2, rstd2 = adapter_fwd(xr, *wts, scale, None, a_flat, n2w, n2b, block.norm2.eps, _dot(dt))
+                x1, h2, mean2, rstd2 = adapter_fwd(xr, *wts, scale, None, a_flat, n2w, n2b, block.norm2.eps, dt)
             else:
                 x1 = xr + a_flat.to(res_dtype)
                 h2 = None
@@ -179,7 +174,7 @@ class _LeanBlock(torch.autograd.Function):
             dy = dy.reshape(-1, D)
             # second adapter: y = x1 + m + s A(x1)
             g_x1, _, g_wd2, g_bd2, g_wu2, g_bu2, _, _ = adapter_bwd(dy.contiguous(), None, x1, w_down, b_down, w_up, scale,
-                                                                None, None, None, None, True, _dot(dt))
+                                                                None, None, None, None, True, dt)
             # MLP: m = DP2(LS2(fc2(GELU(u))))  ->  dh2
             dm = _scaled(dy.view(B, N, D), _ls_gamma(block.ls2), mask2).reshape(-1, D).to(dt)
             dg = dm @ _w(block.mlp.fc2.weight, dt)
@@ -188,7 +183,7 @@ class _LeanBlock(torch.autograd.Function):
             if ctx.gist:
                 g_x, g_a, g_wd1, g_bd1, g_wu1, g_bu1, g_n2w, g_n2b = adapter_bwd(
                     g_x1.contiguous(), dh2.to(h2.dtype).contiguous(), xr, w_down, b_down, w_up, scale, x1, n2w, mean2, rstd2, True,
-                    _dot(dt))
+                    dt)
             else:
                 with torch.enable_grad():
                     x1_leaf = x1.detach().requires_grad_()
@@ -234,14 +229,14 @@ def _block_forward(block, x, wts, norms, gist, mode, dt, masks):
         a = _scaled(_attention(block, _ln(xc, block.norm1, n1w, n1b), dt), _ls_gamma(block.ls1), mask1)
         xf = x.reshape(-1, D)
         if gist:
-            x1, h2, _, _ = adapter_fwd(xf.contiguous(), *wts, scale, None, a.reshape(-1, D), n2w, n2b, block.norm2.eps, _dot(dt))
+            x1, h2, _, _ = adapter_fwd(xf.contiguous(), *wts, scale, None, a.reshape(-1, D), n2w, n2b, block.norm2.eps, dt)
         else:
             x1 = xf + a.reshape(-1, D).to(torch.promote_types(x.dtype, dt))
             h2 = _ln(x1.to(dt), block.norm2, n2w, n2b)
         u = F.linear(h2.to(dt), _w(block.mlp.fc1.weight, dt), _w(block.mlp.fc1.bias, dt))
         m = F.linear(F.gelu(u), _w(block.mlp.fc2.weight, dt), _w(block.mlp.fc2.bias, dt))
         m = _scaled(m.view(B, N, D), _ls_gamma(block.ls2), mask2).reshape(-1, D)
-        y, _, _, _ = adapter_fwd(x1.contiguous(), *wts, scale, None, m, None, None, 0.0, _dot(dt))
+        y, _, _, _ = adapter_fwd(x1.contiguous(), *wts, scale, None, m, None, None, 0.0, dt)
     saved = {"xc": xc}
     if mode == "lean":
         saved["u"] = u.view(B, N, -1)

@@ -107,9 +107,13 @@ def _adapter_fwd_kernel(
 
 
 @triton.jit
-def _accumulate(ptrs, values, mask):
-    """values added into a partial-gradient slot that only this program writes: no atomics, a fixed order."""
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
+def _add_partial(ptrs, values, mask, ATOMIC: tl.constexpr):
+    """values added into a weight-gradient slot: the shared one with relaxed atomics, or this program's own
+    (no atomics, a fixed order)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "R"])
@@ -205,12 +209,8 @@ def _adapter_bwd_kernel(
                 tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
                 gnw = tl.sum(gn * xhat, axis=0)
                 gnb = tl.sum(gn, axis=0)
-                if ATOMIC:
-                    tl.atomic_add(gnw_ptr + cols, gnw, mask=col_mask, sem="relaxed")
-                    tl.atomic_add(gnb_ptr + cols, gnb, mask=col_mask, sem="relaxed")
-                else:
-                    _accumulate(gnw_ptr + slot * D + cols, gnw, col_mask)
-                    _accumulate(gnb_ptr + slot * D + cols, gnb, col_mask)
+                _add_partial(gnw_ptr + slot * D + cols, gnw, col_mask, ATOMIC)
+                _add_partial(gnb_ptr + slot * D + cols, gnb, col_mask, ATOMIC)
             wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
             g_dot = dot_operand(g, DOT_DTYPE)
             ga = tl.dot(g_dot, dot_operand(wu, DOT_DTYPE), ga, input_precision=DOT_PRECISION)
@@ -218,19 +218,12 @@ def _adapter_bwd_kernel(
             gbu = scale * tl.sum(g, axis=0)
             gwu_offs = slot * D * R + cols[:, None] * R + ranks[None, :]
             gwu_mask = col_mask[:, None] & rank_mask[None, :]
-            if ATOMIC:
-                tl.atomic_add(gwu_ptr + gwu_offs, gwu, mask=gwu_mask, sem="relaxed")
-                tl.atomic_add(gbu_ptr + cols, gbu, mask=col_mask, sem="relaxed")
-            else:
-                _accumulate(gwu_ptr + gwu_offs, gwu, gwu_mask)
-                _accumulate(gbu_ptr + slot * D + cols, gbu, col_mask)
+            _add_partial(gwu_ptr + gwu_offs, gwu, gwu_mask, ATOMIC)
+            _add_partial(gbu_ptr + slot * D + cols, gbu, col_mask, ATOMIC)
         gh = scale * ga * gelu_grad(h)  # rows past M have g = 0, hence gh = 0
         gbd = tl.sum(gh, axis=0)
         gh = dot_operand(gh, DOT_DTYPE)
-        if ATOMIC:
-            tl.atomic_add(gbd_ptr + ranks, gbd, mask=rank_mask, sem="relaxed")
-        else:
-            _accumulate(gbd_ptr + slot * R + ranks, gbd, rank_mask)
+        _add_partial(gbd_ptr + slot * R + ranks, gbd, rank_mask, ATOMIC)
         if HAS_NORM and X_IS_BASE:
             tl.debug_barrier()  # pass C reads g back from gres
         # pass C: grad_x = gh W_d (+ g) and the partial gradient of W_d
@@ -251,10 +244,7 @@ def _adapter_bwd_kernel(
             gwd = tl.dot(tl.trans(gh), dot_operand(x, DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_D)
             gwd_offs = slot * R * D + ranks[:, None] * D + cols[None, :]
             gwd_mask = rank_mask[:, None] & col_mask[None, :]
-            if ATOMIC:
-                tl.atomic_add(gwd_ptr + gwd_offs, gwd, mask=gwd_mask, sem="relaxed")
-            else:
-                _accumulate(gwd_ptr + gwd_offs, gwd, gwd_mask)
+            _add_partial(gwd_ptr + gwd_offs, gwd, gwd_mask, ATOMIC)
 
 
 # BLOCK_R -> (BLOCK_M, BLOCK_D, num_warps, num_stages) per pass (the backward holds more tiles: narrower chunks)
