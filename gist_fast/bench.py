@@ -38,6 +38,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from gist_fast.training.recipe import MEMORY_MODES  # --memory, as gist-fast train spells it
+
 # eager first (the loss reference), compiled last (the slowest to start)
 IMPLS = ("eager", "checkpoint", "gist_fast_auto", "gist_fast", "gist_fast_min", "gist_fast_ops", "eager_compile",
          "gist_fast_compile")
@@ -56,6 +58,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU; compile impls get 2 more)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--memory", default=None, help="comma list of patch memory modes (auto,lean,min,none; default all): "
+                   "keeps the gist_fast implementations that run in them")
     p.add_argument("--memory-budget", default="16GiB", help="largest batch within this (CUDA: by trying, CPU: estimate); 'none' to skip")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--img-size", type=int, default=224, help="input resolution (smaller for smoke tests)")
@@ -311,8 +315,13 @@ def run(args: argparse.Namespace, on_result=None) -> Dict:
     requested = args.impls.split(",") if args.impls else list(IMPLS)
     unknown = set(requested) - set(IMPLS)
     if unknown:
-        raise SystemExit(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+        raise ValueError(f"--impls {','.join(sorted(unknown))}: choose from {','.join(IMPLS)}")
     impls = [impl for impl in IMPLS if impl in requested]
+    if args.memory:
+        modes = args.memory.split(",")
+        if set(modes) - set(MEMORY_MODES):
+            raise ValueError(f"--memory {args.memory}: choose from {','.join(MEMORY_MODES)}")
+        impls = [i for i in impls if i not in MEMORY or ("none" if MEMORY[i] is None else MEMORY[i]) in modes]
     batches = [int(b) for b in (args.batches.split(",") if args.batches else ((32, 64, 128, 256) if cuda else (8, 32)))]
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     amp_dtype = torch.bfloat16 if dtype == "bf16" else None
@@ -489,7 +498,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or os.path.join("benchmarks", "results", device_slug(device))
-    result = run(args, on_result=lambda partial: write(partial, out, with_plots=False))
+    try:
+        result = run(args, on_result=lambda partial: write(partial, out, with_plots=False))
+    except ValueError as e:  # a bad option: one line, as gist-fast train does
+        print(f"gist-fast bench: error: {e}", file=sys.stderr)
+        return 2
     written = write(result, out, with_plots=not args.no_plots)
     print(markdown(result))
     print("wrote " + ", ".join(written))

@@ -5,14 +5,27 @@
     torchrun --nproc_per_node 4 -m gist_fast train --data ROOT --task dtd --pretrained
     gist-fast eval runs/train/best.pt
     gist-fast vtab --data ROOT --pretrained --output runs/vtab
+
+A mistake in the input (an option value, a model, a file) ends with one line naming it, exit status 2.
 """
 import argparse
 import ast
 import json
+import os
 import sys
 from typing import List, Optional
 
 DESCRIPTION = "Fused-kernel GIST / iDAT / two-stage fine-tuning of timm Vision Transformers."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and no abbreviated options (`vtab --task` is not `--tasks`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _kwargs(text: str) -> dict:
@@ -29,9 +42,20 @@ def _kwargs(text: str) -> dict:
     return out
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _size(text: str) -> str:
+    """--memory-budget: checked here so that the error names the option; kept as written."""
+    from gist_fast.memory import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     from gist_fast.patch import PEFT_KINDS
-    from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES
+    from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES, MEMORY_MODES
 
     m = p.add_argument_group("method")
     m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
@@ -45,7 +69,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--fused", choices=FUSED_MODES, help="fused ops: auto (default), on, off (plain-PyTorch reference)")
 
     mo = p.add_argument_group("model")
-    mo.add_argument("--model", help="timm model name (vit_base_patch16_224.orig_in21k; a 4-block ViT-Tiny on digits)")
+    mo.add_argument("--model", help="timm model name (as the authors' code: vit_base_patch16_224.augreg_in21k; "
+                    "two-stage: vit_base_patch16_224.orig_in21k; a 4-block ViT-Tiny on the embedded digits)")
     mo.add_argument("--model-kwargs", type=_kwargs, help="timm create_model overrides, e.g. img_size=32,patch_size=8,depth=2")
     mo.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (downloads)")
     mo.add_argument("--pretrained-file", help="a local timm checkpoint (.npz, .safetensors, .pth) for the backbone")
@@ -55,7 +80,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
     d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
     d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
-    d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
+    if not sweep:  # the sweep names its tasks with --tasks
+        d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
     d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
 
     r = p.add_argument_group("recipe (defaults: the authors', METHODS §4)")
@@ -77,22 +103,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     x.add_argument("--eval-every", type=int, help="evaluate every N epochs (1) and always after the last")
     x.add_argument("--output", help="folder for log.jsonl, last.pt, best.pt, result.json (runs/train)")
     x.add_argument("--stop-after-steps", type=int, help="stop after N steps with a resumable checkpoint")
-    x.add_argument("--memory-budget", help="e.g. 16GiB: run each batch's backward in the largest micro-batches "
+    x.add_argument("--memory", choices=MEMORY_MODES, help="the block's memory mode (gist_fast.patch(memory=)): auto "
+                   "(default: lean on CUDA, none on CPU), lean, min, none (the eager block)")
+    x.add_argument("--memory-budget", type=_size, help="e.g. 16GiB: run each batch's backward in the largest micro-batches "
                    "that fit (gist_fast.fit_micro_batch) and accumulate, the same update as the whole batch")
     x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    x.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds an earlier run "
+                   "(its checkpoints, log and result are replaced)")
+
+
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gist-fast", description=DESCRIPTION)
-    sub = p.add_subparsers(dest="command", required=True)
+    from gist_fast import __version__
+
+    p = _Parser(prog="gist-fast", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"gist-fast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="fine-tune a timm ViT (GIST, adapter, iDAT, two-stage, linear)",
                        argument_default=argparse.SUPPRESS, description="Options left out take the authors' recipe "
                        "(METHODS §4), the task's table row, or the embedded digits defaults.")
     _add_train_options(t)
-    t.add_argument("--resume", help="a last.pt to continue exactly (its own configuration; only run options may change)")
-    v = sub.add_parser("vtab", help="train on every VTAB-1K task (or --tasks) and tabulate the means",
-                       argument_default=argparse.SUPPRESS)
-    _add_train_options(v)
+    t.add_argument("--resume", help="a last.pt to continue exactly, in its own folder (its own configuration; "
+                   "only run options may change)")
+    v = sub.add_parser("vtab", help="train on every VTAB-1K task (or --tasks) and tabulate the means; the same "
+                       "command again continues an interrupted sweep", argument_default=argparse.SUPPRESS)
+    _add_train_options(v, sweep=True)
     v.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated task list (all 19)")
     e = sub.add_parser("eval", help="accuracy of a checkpoint (best.pt or last.pt) on a split")
     e.add_argument("checkpoint")
@@ -106,9 +142,36 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _train_config(given: dict):
-    from gist_fast.training.recipe import TrainConfig
+    from gist_fast.training.recipe import TrainConfig, check_framework_options
 
+    check_framework_options(given.get("framework", TrainConfig.framework), given)
     return TrainConfig(**given)
+
+
+def _run(command: str, args: dict) -> None:
+    from gist_fast.training import checkpoint, distributed, loop, recipe, vtab
+
+    overwrite = args.pop("overwrite", False)
+    if command == "train":
+        resume = args.pop("resume", None)
+        if resume:
+            saved = checkpoint.load(resume, resumable=True)["config"]
+            cfg = recipe.for_resume(saved, args, os.path.dirname(os.path.abspath(resume)))
+        else:
+            cfg = _train_config(args)
+        result = loop.train(cfg, resume, overwrite)
+        if distributed.is_main_process():
+            print(f"done: last accuracy {result['last_acc']:.2f}%  best {result['best_acc']:.2f}%  "
+                  f"({result['trainable']:,} trainable parameters, {result['wall_s']:.0f} s)")
+    elif command == "vtab":
+        tasks = args.pop("tasks", None)
+        if "data" not in args:
+            raise ValueError("gist-fast vtab needs --data ROOT (the VTAB-1K root)")
+        args.setdefault("output", "runs/vtab")
+        print(vtab.run(_train_config(args), tasks, overwrite)["table"])
+    elif command == "eval":
+        path, split = args.pop("checkpoint"), args.pop("split")
+        print(json.dumps(loop.evaluate_checkpoint(path, split, **args)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -117,37 +180,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         from gist_fast import bench  # another module's own command line
 
         return bench.main(argv[1:]) or 0
-    args = vars(parser().parse_args(argv))
+    try:
+        args = vars(parser().parse_args(argv))
+    except SystemExit as done:  # --help, --version, or an argparse error (already printed, one line)
+        return done.code or 0
     command = args.pop("command")
 
-    from gist_fast.training import checkpoint, distributed, loop, recipe, vtab
-    from gist_fast.training.data import DataError
+    from gist_fast.training import data, distributed, loop
 
     try:
-        if command == "train":
-            resume = args.pop("resume", None)
-            cfg = (recipe.for_resume(checkpoint.load(resume)["config"], args) if resume
-                   else _train_config(args))
-            result = loop.train(cfg, resume)
-            if distributed.is_main_process():
-                print(f"done: last accuracy {result['last_acc']:.2f}%  best {result['best_acc']:.2f}%  "
-                      f"({result['trainable']:,} trainable parameters, {result['wall_s']:.0f} s)")
-        elif command == "vtab":
-            tasks = args.pop("tasks", None)
-            if "data" not in args:
-                raise ValueError("gist-fast vtab needs --data ROOT (the VTAB-1K root)")
-            args.setdefault("output", "runs/vtab")
-            out = vtab.run(_train_config(args), tasks)
-            print(out["table"])
-        elif command == "eval":
-            path, split = args.pop("checkpoint"), args.pop("split")
-            print(json.dumps(loop.evaluate_checkpoint(path, split, **args)))
+        _run(command, args)
     except loop.Stopped as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"gist-fast {command}: error: {e}", file=sys.stderr)
+    except (data.DataError, FileNotFoundError, ValueError) as e:  # the user's input: one line, no traceback
+        print(f"gist-fast {command}: error: {data.one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started (the loop itself saves and stops on a signal)
+        print(f"gist-fast {command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         distributed.teardown()
     return 0

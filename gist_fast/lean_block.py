@@ -264,19 +264,12 @@ def lean_forward(block: nn.Module, x: Tensor, fallback, gist: bool, mode: str, a
     return _LeanBlock.apply(x, *wts, *norms, block, gist, mode, dt, (mask1, mask2))
 
 
-def make_forward(peft: str, mode: str):
-    """A bound-method-ready block forward for patch(): the lean path for "adapter" (GIST) and
-    "adaptformer", with the eager forward of gist_fast.peft as the fallback."""
+def block_forward(self, x: Tensor, *, peft: str, mode: str, **attn_kwargs) -> Tensor:
+    """The forward patch() binds to a block (functools.partial: a patched model stays picklable): the lean
+    path for "adapter" (GIST) and "adaptformer", with the eager forward of gist_fast.peft as the fallback."""
     from gist_fast.peft import BLOCK_FORWARDS
 
-    fallback = BLOCK_FORWARDS[peft]
-    gist = peft == "adapter"
-
-    def forward(self, x: Tensor, **attn_kwargs) -> Tensor:
-        return lean_forward(self, x, fallback, gist, mode, attn_kwargs)
-
-    forward.__doc__ = f"gist_fast lean block (memory={mode!r}); falls back to {fallback.__name__}"
-    return forward
+    return lean_forward(self, x, BLOCK_FORWARDS[peft], peft == "adapter", mode, attn_kwargs)
 
 
 LEAN_PEFTS = ("adapter", "adaptformer")

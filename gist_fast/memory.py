@@ -137,10 +137,15 @@ def parse_bytes(text) -> int:
     s = str(text).strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
              "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
-    for unit in sorted(units, key=len, reverse=True):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * units[unit])
-    return int(float(s))
+    unit = next((u for u in sorted(units, key=len, reverse=True) if s.endswith(u)), "")
+    try:
+        size = float(s[: len(s) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        size = -1.0
+    if not size > 0 or size == float("inf"):
+        raise ValueError(f"{text!r} is not a memory size: expected a positive size such as 16GiB, 800MB, 1.5G "
+                         "or a number of bytes")
+    return int(size)
 
 
 def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, sample: Tensor,

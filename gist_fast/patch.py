@@ -1,12 +1,13 @@
-"""timm ViT surgery: insert the Gist token and the PEFT modules, freeze the rest, rebind forwards."""
-import types
+"""timm ViT surgery: insert the Gist token and the PEFT modules, freeze the rest, rebind forwards (as
+functools.partial of module-level functions, which pickle: torch.save(model) / copy.deepcopy work)."""
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from gist_fast.lean_block import LEAN_PEFTS, MEMORY_MODES, make_forward
+from gist_fast.lean_block import LEAN_PEFTS, MEMORY_MODES, block_forward
 from gist_fast.peft import BLOCK_FORWARDS, DEFAULT_SCALE, Adapter, ChannelLinear
 
 PEFT_KINDS = ("adapter", "seq-adapter", "adaptformer", "ln", "channels", "linear")
@@ -50,7 +51,7 @@ def _vit_classes():
     return VisionTransformer, Block
 
 
-def _check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module) -> None:
     vit, block = _vit_classes()
     if not isinstance(model, vit) or getattr(model, "dist_token", None) is not None:
         raise TypeError(f"gist_fast.patch supports {SUPPORTED}; got {type(model).__name__}")
@@ -137,7 +138,7 @@ def patch(
     "min" the block input only (more recomputation), None the eager block; "auto" is "lean" on CUDA
     and None on CPU (where compute, not memory, limits a step and recomputation only costs time).
     """
-    _check_model(model)
+    check_model(model)
     if peft not in PEFT_KINDS:
         raise ValueError(f"unknown peft {peft!r}; choose one of {PEFT_KINDS}")
     if fused not in ("auto", True, False):
@@ -166,17 +167,17 @@ def patch(
         elif peft == "channels":
             block.channel_linear = ChannelLinear(dim, config.channels[i]).to(**like)
         if config.memory is not None:
-            block.forward = types.MethodType(make_forward(peft, config.memory), block)
+            block.forward = functools.partial(block_forward, block, peft=peft, mode=config.memory)
         elif peft in BLOCK_FORWARDS:
-            block.forward = types.MethodType(BLOCK_FORWARDS[peft], block)
+            block.forward = functools.partial(BLOCK_FORWARDS[peft], block)
     if gist:
         model.gist_token = nn.Parameter(torch.empty(1, 1, dim).uniform_(-0.5, 0.5).to(**like))
         model.gist_drop = nn.Dropout(0.1)
         model.num_prefix_tokens += 1  # timm's pooling then skips the gist token as it skips CLS
         if hasattr(model.patch_drop, "num_prefix_tokens"):
             model.patch_drop.num_prefix_tokens += 1
-        model._pos_embed = types.MethodType(_gist_pos_embed, model)
-        model.forward = types.MethodType(_gist_forward, model)
+        model._pos_embed = functools.partial(_gist_pos_embed, model)
+        model.forward = functools.partial(_gist_forward, model)
     for params in _trainable_groups(model).values():
         for p in params:
             p.requires_grad_(True)

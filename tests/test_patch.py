@@ -1,4 +1,5 @@
 import copy
+import functools
 
 import pytest
 import timm
@@ -160,3 +161,20 @@ def test_clear_errors():
         gist_fast.patch(tiny_vit(), fused="yes")
     with pytest.raises(TypeError, match="GistLoss needs"):
         gist_fast.GistLoss()(torch.zeros(2, 5), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("peft,memory", [("adapter", "lean"), ("adapter", None), ("seq-adapter", None), ("ln", None)])
+def test_whole_patched_model_saves_and_loads(tmp_path, peft, memory):
+    """torch.save(model) of a patched model opens again with torch.load and computes the same."""
+    model = gist_fast.patch(tiny_vit(num_classes=5), peft=peft, gist=peft == "adapter", memory=memory, verbose=False)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.gist_fast_config == model.gist_fast_config
+    assert all(b.forward.args[0] is b for b in loaded.blocks if isinstance(b.forward, functools.partial))
+    x = images()
+    for mode in (True, False):
+        model.train(mode), loaded.train(mode)
+        torch.manual_seed(0)
+        expected = model(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

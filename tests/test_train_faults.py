@@ -58,9 +58,8 @@ def test_missing_and_unreadable_images(root):
         data.build(str(root), "kitti", None, SIZE)
     make_task(root)
     (root / "kitti" / "images" / "train_2_1.png").write_bytes(b"not a png")
-    train_set = data.build(str(root), "kitti", None, SIZE)[0]
     with pytest.raises(data.DataError, match=r"train800val200.txt:10: cannot read image .*train_2_1.png"):
-        train_set[9]
+        data.build(str(root), "kitti", None, SIZE)  # found before any training
 
 
 def test_missing_pretrained_file(root, capsys):
@@ -72,7 +71,8 @@ def test_missing_pretrained_file(root, capsys):
 def test_resume_after_stop_mid_epoch_is_exact(root, framework):
     """4 epochs of 2 steps; the interrupted run stops after 3 steps (mid-epoch 2) and resumes. With
     drop-path and the gist token's dropout on; two-stage switches stages at epoch 2."""
-    common = ["--framework", framework, "--drop-path", "0.1", "--epochs", "4", "--stage1-epochs", "2"]
+    common = ["--framework", framework, "--drop-path", "0.1", "--epochs", "4"]
+    common += ["--stage1-epochs", "2"] if framework == "two-stage" else []
     assert train(root, root / "full", *common) == 0
     assert train(root, root / "cut", *common, "--stop-after-steps", "3") == 0
     state = torch.load(root / "cut" / "last.pt", weights_only=False)
@@ -89,7 +89,7 @@ def test_resume_after_stop_mid_epoch_is_exact(root, framework):
 def test_resume_refuses_a_changed_recipe(root, capsys):
     assert train(root, root / "a", "--stop-after-steps", "1") == 0
     assert cli.main(["train", "--resume", str(root / "a" / "last.pt"), "--lr", "0.5"]) == 2
-    assert "['lr']" in capsys.readouterr().err
+    assert "differ from it: --lr" in capsys.readouterr().err
 
 
 def test_sigint_saves_a_resumable_checkpoint_and_exits(root):

@@ -72,7 +72,13 @@ def test_recipe_defaults_task_table_and_overrides():
     cfg = resolve(TrainConfig(data="/x", task="eurosat"))
     assert (cfg.lr, cfg.weight_decay, cfg.drop_path) == (3e-3, 5e-2, 0.2)
     assert (cfg.epochs, cfg.cooldown_epochs, cfg.warmup_epochs, cfg.batch_size, cfg.seed) == (100, 10, 10, 64, 42)
-    assert (cfg.warmup_lr, cfg.min_lr, cfg.model) == (1e-7, 1e-8, "vit_base_patch16_224.orig_in21k")
+    assert (cfg.warmup_lr, cfg.min_lr) == (1e-7, 1e-8)
+    # GIST's and iDAT's code loads timm 0.6.13's vit_base_patch16_224_in21k: the AugReg weights; the two-stage
+    # reconstruction follows the authors' SCT code: the original ones
+    for framework in ("gist", "adapter", "idat", "linear"):
+        assert resolve(TrainConfig(data="/x", framework=framework)).model == "vit_base_patch16_224.augreg_in21k"
+    assert resolve(TrainConfig(data="/x", framework="two-stage")).model == "vit_base_patch16_224.orig_in21k"
+    assert resolve(TrainConfig(data="/x", framework="idat")).teacher == "vit_small_patch16_224.augreg_in21k"
     assert resolve(TrainConfig(data="/x", task="eurosat", lr=0.1)).lr == 0.1  # the command line wins
 
 

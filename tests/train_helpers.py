@@ -8,8 +8,13 @@ from PIL import Image
 from gist_fast import cli
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=2,num_heads=3",
-        "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32,patch_size=8,embed_dim=24,depth=1,num_heads=3",
         "--fused", "off", "--workers", "0", "--no-progress"]
+TEACHER = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32,patch_size=8,embed_dim=24,depth=1,num_heads=3"]
+
+
+def tiny(framework="gist"):
+    """The tiny-model options; iDAT's also name its teacher (other frameworks refuse teacher options)."""
+    return TINY + (TEACHER if framework == "idat" else [])
 
 
 def make_task(root, task="kitti", classes=4, train_per_class=4, test_per_class=2, seed=0):
@@ -41,7 +46,8 @@ def make_task(root, task="kitti", classes=4, train_per_class=4, test_per_class=2
 def train(root, out, *extra, task="kitti"):
     """`gist-fast train` on the tiny task, two short epochs; returns the exit code."""
     argv = ["train", "--data", str(root), "--task", task, "--output", str(out), "--epochs", "2",
-            "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8", *TINY, *extra]
+            "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8", *tiny("idat" if "idat" in extra else ""),
+            *extra]
     return cli.main(argv)
 
 

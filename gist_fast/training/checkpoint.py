@@ -2,10 +2,24 @@
 import os
 import random
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "result.json")  # what a run writes into its --output
+
+
+def earlier_run(folder: str) -> List[str]:
+    """The files of an earlier run in folder (none: a fresh folder)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
+
+
+def clear_run(folder: str) -> None:
+    """Remove an earlier run's files (--overwrite), so that none of them (best.pt) outlives it."""
+    for f in earlier_run(folder):
+        os.unlink(os.path.join(folder, f))
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -34,12 +48,19 @@ def atomic_save(obj: Any, path: str) -> None:
         pass  # some file systems refuse fsync on a folder
 
 
-def load(path: str) -> Dict[str, Any]:
+def load(path: str, resumable: bool = False) -> Dict[str, Any]:
+    """A `gist-fast train` checkpoint (resumable: a last.pt, which holds the optimizer and RNG states)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and torch each raise their own types for a foreign file
+        raise ValueError(f"{path}: not a gist-fast train checkpoint (cannot be read: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "student" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a gist-fast train checkpoint (expected the keys 'student' and 'config')")
+    if resumable and "optimizers" not in ckpt:
+        raise ValueError(f"{path}: a best-accuracy checkpoint (for gist-fast eval) cannot be resumed; resume from "
+                         f"{os.path.join(os.path.dirname(path) or '.', 'last.pt')}")
     return ckpt
 
 

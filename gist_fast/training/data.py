@@ -2,8 +2,10 @@
 
 Images are resized directly (bicubic) to the model's input and normalised with mean = std = 0.5, no
 augmentation. PIL + numpy only (no torchvision transforms): the same pixels on every install.
-Every bad input fails early with the file, and the line, it came from."""
+Every bad input fails early with the file, and the line, it came from: build() also opens every
+image's header before any training, so a corrupt file cannot stop a run hours in."""
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -17,6 +19,7 @@ from gist_fast.training.recipe import VTAB_CLASSES
 MEAN = STD = 0.5
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
 VTAB_TRAIN, VTAB_TEST = "train800val200.txt", "test.txt"
+CHECK_THREADS = 32  # header reads wait on the disk (often a network one), not on the CPU
 
 
 class DataError(ValueError):
@@ -40,10 +43,11 @@ def to_tensor(image, size: Tuple[int, int]) -> Tensor:
 
 
 class ImageList(Dataset):
-    """(image, label) pairs read from disk on access."""
+    """(image, label) pairs read from disk on access; split names the set (a VTAB list file's stem
+    such as 'test' or 'val200', an ImageFolder sub-folder such as 'train')."""
 
-    def __init__(self, samples: Sequence[Sample], size: Tuple[int, int]):
-        self.samples, self.size = list(samples), tuple(size)
+    def __init__(self, samples: Sequence[Sample], size: Tuple[int, int], split: str):
+        self.samples, self.size, self.split = list(samples), tuple(size), split
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,6 +102,43 @@ def read_list(list_file: str, num_classes: int, source: str) -> List[Sample]:
     return samples
 
 
+def unreadable(path: str) -> Optional[str]:
+    """PIL's reason why path's header is bad, or None; verify() checks the structure without decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        return str(e) or type(e).__name__
+    return None
+
+
+def check_images(*datasets: Dataset) -> None:
+    """Raise on the first unreadable image in dataset order (deterministic however the threads
+    finish), with how many there are in all; a file listed twice (val200 in train800val200) is read once."""
+    samples = [s for d in datasets if isinstance(d, ImageList) for s in d.samples]
+    paths = list(dict.fromkeys(s.path for s in samples))
+    with ThreadPoolExecutor(min(CHECK_THREADS, max(len(paths), 1))) as pool:
+        reasons = dict(zip(paths, pool.map(unreadable, paths)))
+    bad = next((s for s in samples if reasons[s.path]), None)
+    if bad is not None:
+        count = sum(reason is not None for reason in reasons.values())
+        raise DataError(f"{bad.where}: cannot read image {bad.path}: {reasons[bad.path]}; "
+                        f"{count} of the {len(paths)} images cannot be read")
+
+
+def one_line(error: BaseException) -> str:
+    """Our one-line message from a DataError that a DataLoader worker re-raised: PyTorch's message
+    is 'Caught DataError in DataLoader worker process N.' and the worker's traceback, whose last line
+    is '<module>.DataError: <our message>'. str(error) for anything else."""
+    text = str(error)
+    last = text.rstrip("\n").rpartition("\n")[2]
+    if not text.startswith("Caught ") or "DataError: " not in last:
+        return text
+    return last.partition("DataError: ")[2]  # the first: our message may itself quote 'DataError: '
+
+
 def vtab(root: str, task: str, num_classes: Optional[int], size, split: Optional[str] = None):
     folder = os.path.join(root, task)
     if not os.path.isdir(folder):
@@ -106,34 +147,64 @@ def vtab(root: str, task: str, num_classes: Optional[int], size, split: Optional
         raise DataError(f"task {task!r} is not a VTAB-1K task; give --num-classes")
     source = "--num-classes" if num_classes is not None else f"the VTAB-1K table for {task}"
     num_classes = num_classes or VTAB_CLASSES[task]
-    train = read_list(os.path.join(folder, VTAB_TRAIN), num_classes, source)
-    test = read_list(os.path.join(folder, f"{split}.txt" if split else VTAB_TEST), num_classes, source)
-    return ImageList(train, size), ImageList(test, size), num_classes
+    train, test = (ImageList(read_list(os.path.join(folder, name), num_classes, source), size, name[: -len(".txt")])
+                   for name in (VTAB_TRAIN, f"{split}.txt" if split else VTAB_TEST))
+    return train, test, num_classes
+
+
+def is_image(name: str) -> bool:
+    """An accepted extension in any case; hidden files (macOS's AppleDouble '._x.jpg') never are."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(folder: str) -> List[str]:
+    """Images anywhere under folder, following symlinks, in torchvision's ImageFolder order (sorted
+    walk, then sorted names): the same samples, and labels, as a torchvision run on the same tree."""
+    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
+            for f in sorted(files) if is_image(f)]
+
+
+def sub_folders(folder: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())  # hidden ones too, as torchvision
+
+
+def scan(root: str, split: str, classes: List[str], size) -> ImageList:
+    """root/split/<class>/**/<image>, labelled by the class's index in train's sorted class list;
+    a class may be absent from an evaluation split, but a class folder with no image is an error."""
+    split_dir, train_dir = os.path.join(root, split), os.path.join(root, "train")
+    present = sub_folders(split_dir)
+    extra = sorted(set(present) - set(classes))
+    if extra:
+        raise DataError(f"{split_dir}: class folders {extra} are not in {train_dir}")
+    found = {c: find_images(os.path.join(split_dir, c)) for c in present}
+    empty = [c for c in present if not found[c]]
+    if empty:
+        raise DataError(f"{split_dir}: no image in class folder(s) {empty}; each class folder needs at least one "
+                        f"image with one of the extensions {' '.join(IMAGE_EXTENSIONS)} (any case; hidden files "
+                        f"do not count): add images, or remove the folder")
+    label = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(p, label[c], p) for c in present for p in found[c]]
+    if not samples:
+        raise DataError(f"{split_dir}: no images; expected {split_dir}/<class>/ folders named as in {train_dir}")
+    return ImageList(samples, size, split)
 
 
 def image_folder(root: str, num_classes: Optional[int], size, split: Optional[str] = None):
-    """root/train/<class>/*.png and root/val/ (or root/test/, or root/<split>/) with the same class folders."""
+    """root/train/<class>/ and root/val/ (or root/test/, or root/<split>/) as torchvision's ImageFolder
+    reads them: the classes are train's sub-folders (sorted), the images any file under a class
+    folder, nested folders and symlinks included, with an accepted extension (any case). Unlike
+    torchvision, hidden files are skipped and an evaluation split may lack a class."""
     train_dir = os.path.join(root, "train")
-    eval_dir = next((os.path.join(root, d) for d in ([split] if split else ["val", "test"])
-                     if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(train_dir) or eval_dir is None:
+    split = next((d for d in ([split] if split else ["val", "test"]) if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) or split is None:
         raise DataError(f"{root}: expected a VTAB root with --task, or an ImageFolder tree with train/ and val/ (or test/)")
-    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    classes = sub_folders(train_dir)
+    if not classes:
+        raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/ folders of images")
+    train = scan(root, "train", classes, size)  # before the count, so a stray folder is named
     if num_classes is not None and num_classes != len(classes):
         raise DataError(f"{train_dir}: {len(classes)} class folders but --num-classes {num_classes}")
-
-    def scan(split_dir):
-        extra = sorted(set(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))) - set(classes))
-        if extra:
-            raise DataError(f"{split_dir}: class folders {extra} are not in {train_dir}")
-        samples = [Sample(os.path.join(split_dir, c, f), i, os.path.join(split_dir, c, f))
-                   for i, c in enumerate(classes) if os.path.isdir(os.path.join(split_dir, c))
-                   for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not samples:
-            raise DataError(f"{split_dir}: no images found")
-        return ImageList(samples, size)
-
-    return scan(train_dir), scan(eval_dir), len(classes)
+    return train, scan(root, split, classes, size), len(classes)
 
 
 def digits(size, train_images: int = 1000) -> Tuple[Dataset, Dataset, int]:
@@ -159,7 +230,10 @@ def build(data: Optional[str], task: Optional[str], num_classes: Optional[int], 
             raise DataError(f"the embedded digits have 10 classes, not --num-classes {num_classes}")
         return digits(size)
     if task is not None:
-        return vtab(data, task, num_classes, size, split)
-    if not os.path.isdir(data):
+        sets = vtab(data, task, num_classes, size, split)
+    elif not os.path.isdir(data):
         raise DataError(f"{data}: data folder not found")
-    return image_folder(data, num_classes, size, split)
+    else:
+        sets = image_folder(data, num_classes, size, split)
+    check_images(sets[0], sets[1])
+    return sets

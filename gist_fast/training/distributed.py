@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 @dataclass
@@ -66,18 +66,48 @@ def barrier() -> None:
         dist.barrier()
 
 
+IGNORE = -100  # the label of a padded sample: every training loss ignores it (their ignore_index)
+
+
 class TrainSampler(DistributedSampler):
     """DistributedSampler (a fresh permutation per epoch from seed + epoch; rank r takes every
     size-th index, so the ranks' local batches together are the one-process global batch) that can
-    skip the batches already done when resuming mid-epoch."""
+    skip the batches already done when resuming mid-epoch.
+
+    The padding that gives every rank as many samples comes last, in the last global batch, and is
+    yielded as len(dataset) + i: Padded labels those IGNORE, so they neither train nor count."""
 
     skip = 0
 
     def __iter__(self):
-        return islice(super().__iter__(), self.skip, None)
+        n = len(self.dataset)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        order += range(n, self.total_size)  # where DistributedSampler repeats samples: marked, not repeated
+        return islice(order[self.rank:self.total_size:self.num_replicas], self.skip, None)
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+class Padded(Dataset):
+    """dataset; index len(dataset) + i (TrainSampler's padding) is sample i's image labelled IGNORE,
+    a real image so that batches stack, which no loss trains on."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        n = len(self.dataset)
+        return self.dataset[i] if i < n else (self.dataset[i - n][0], IGNORE)
+
+
+def global_rows(size: int, batch: int, step: int) -> int:
+    """Real samples in global batch `step` of an epoch over `size` samples (the last one may be short)."""
+    return min(batch, size - step * batch)
 
 
 class EvalSampler(Sampler):

@@ -3,6 +3,7 @@ checkpoints (also written on SIGINT/SIGTERM, mid-epoch), iDAT's teacher, the two
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -17,18 +18,19 @@ from tqdm import tqdm
 
 import gist_fast
 from gist_fast.training import checkpoint, data, distributed, models
-from gist_fast.training.recipe import TrainConfig, resolve
+from gist_fast.training.recipe import TrainConfig, resolve, schedule
 
 FORMAT = "gist_fast.train/1"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Stopped(Exception):
-    """Training stopped early (signal or --stop-after-steps) after saving a resumable checkpoint."""
+    """Training stopped early (signal or --stop-after-steps) after saving a resumable checkpoint; reason
+    says what happened, the message adds how to continue."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, reason: str = ""):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.reason = exit_code, reason or message
 
 
 def default_amp(device: torch.device) -> str:
@@ -78,13 +80,15 @@ class Trainer:
             self.models.append(models.teacher(cfg, self.num_classes, self.main and not resume))
         self._prepare()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        # summed over the rows not labelled IGNORE (TrainSampler's padding): _step weights the sums
+        summed = dict(ignore_index=distributed.IGNORE, reduction="sum", fused=cfg.fused != "off")
         if cfg.framework == "gist":
-            self.loss_fn = gist_fast.GistLoss(fused=cfg.fused != "off")
+            self.loss_fn = gist_fast.GistLoss(**summed)
         elif cfg.framework == "idat":
-            self.loss_fn = gist_fast.DistillLoss(kind=cfg.distill_kind, fused=cfg.fused != "off")
+            self.loss_fn = gist_fast.DistillLoss(kind=cfg.distill_kind, **summed)
         self.sampler = distributed.TrainSampler(self.train_set, num_replicas=world.size, rank=world.rank,
                                                 shuffle=True, seed=cfg.seed)
-        self.train_loader = self._loader(self.train_set, self.sampler)
+        self.train_loader = self._loader(distributed.Padded(self.train_set), self.sampler)
         self.test_loader = self._loader(self.test_set, distributed.EvalSampler(len(self.test_set), world))
         self.epoch, self.step_in_epoch, self.best_acc, self.partial = 0, 0, -1.0, [0.0, 0.0, 0.0]
         if resume:
@@ -187,6 +191,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _loss(self, images: torch.Tensor, target: torch.Tensor):
+        """The loss summed (not averaged) over the rows not labelled IGNORE, and how many of them are
+        right: _step weights the sum by the global batch's row count."""
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp != "none"):
             out = self.wrapped[0](images)
             logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
@@ -195,20 +201,22 @@ class Trainer:
             elif self.cfg.framework == "gist":
                 loss = self.loss_fn(gist_fast.GistOutput(out[0].float(), out[1].float()), target)
             else:
-                loss = F.cross_entropy(logits.float(), target)
+                loss = F.cross_entropy(logits.float(), target, ignore_index=distributed.IGNORE, reduction="sum")
         return loss, (logits.detach().argmax(-1) == target).sum()
 
-    def _step(self, images: torch.Tensor, target: torch.Tensor):
-        """One optimizer step; with a memory budget the backward runs in micro-batches, each loss
-        weighted by its share of the batch (training targets have no ignored rows)."""
+    def _step(self, images: torch.Tensor, target: torch.Tensor, rows: int):
+        """One optimizer step on this rank's share of a global batch of `rows` real samples; returns
+        the summed loss and correct count of its own real rows. DDP averages the ranks' gradients,
+        so each (micro-)batch's summed loss is scaled by size / rows: the update is the global
+        batch's mean, with padded rows and micro-batches of any size weighted right."""
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
+        weight = self.world.size / rows
         total, correct = 0.0, 0
         for start in range(0, len(target), self.micro_batch):
             part = slice(start, start + self.micro_batch)
             loss, right = self._loss(images[part], target[part])
-            loss = loss * (len(target[part]) / len(target))
-            self.scaler.scale(loss).backward()  # DDP reduces each micro-batch's gradients: correct, not fastest
+            self.scaler.scale(loss * weight).backward()  # DDP reduces each micro-batch: correct, not fastest
             total, correct = total + loss.detach(), correct + right
         for o in self.optimizers:
             self.scaler.step(o)
@@ -225,19 +233,19 @@ class Trainer:
         steps = -(-self.sampler.num_samples // self.local_batch)
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip = self.step_in_epoch * self.local_batch
-        sums = torch.tensor(self.partial, dtype=torch.float64, device=self.device)  # loss*n, correct, n
+        sums = torch.tensor(self.partial, dtype=torch.float64, device=self.device)  # summed loss, correct, n
         bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.total_epochs}",
                    disable=not (self.main and self.cfg.progress), leave=False, dynamic_ncols=True, mininterval=0.5)
         start, seen = time.perf_counter(), 0
         for images, target in self.train_loader:
             images, target = images.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
-            loss, correct = self._step(images, target)
-            n = target.numel()
-            sums += torch.stack([loss.double() * n, correct.double(), torch.tensor(float(n), device=self.device,
-                                                                                    dtype=torch.float64)])
+            rows = distributed.global_rows(len(self.train_set), self.cfg.batch_size, self.step_in_epoch)
+            loss, correct = self._step(images, target, rows)
+            n = (target != distributed.IGNORE).sum()  # padded rows count nowhere
+            sums += torch.stack([loss.double(), correct.double(), n.double()])
             self.step_in_epoch += 1
             self.steps_this_run += 1
-            seen += n * self.world.size
+            seen += rows
             if bar.disable is False:
                 bar.update()
                 bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
@@ -258,10 +266,12 @@ class Trainer:
         self._save("last.pt", self._state())
         path = os.path.join(self.cfg.output, "last.pt")
         if self.stop_signal is not None:
-            name = signal.Signals(self.stop_signal).name
-            raise Stopped(f"{name}: saved a resumable checkpoint to {path} (epoch {self.epoch + 1}, "
-                          f"step {self.step_in_epoch}); continue with --resume {path}", 128 + self.stop_signal)
-        raise Stopped(f"stopped after {self.steps_this_run} steps: saved {path}; continue with --resume {path}", 0)
+            reason = (f"{signal.Signals(self.stop_signal).name}: saved a resumable checkpoint to {path} "
+                      f"(epoch {self.epoch + 1}, step {self.step_in_epoch})")
+            code = 128 + self.stop_signal
+        else:
+            reason, code = f"stopped after {self.steps_this_run} steps: saved {path}", 0
+        raise Stopped(f"{reason}; continue with --resume {path}", code, reason)
 
     def run(self) -> Dict[str, Any]:
         cfg, started = self.cfg, time.perf_counter()
@@ -307,8 +317,8 @@ class Trainer:
                   "wall_s": time.perf_counter() - started}
         self._log({"event": "done", **result})
         if self.main:
-            with open(os.path.join(cfg.output, "result.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            with open(os.path.join(cfg.output, "result.json"), "w") as f:  # with what produced it (vtab compares)
+                json.dump({**result, "config": asdict(cfg)}, f, indent=1)
         return result
 
 
@@ -334,17 +344,36 @@ class _stop_on_signals:
             signal.signal(s, handler)
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
-    """Train as configured (resume: a last.pt to continue from); returns best/last accuracy."""
-    ckpt = checkpoint.load(resume) if resume else None
+def _announce(cfg: TrainConfig) -> None:
+    """What a user should know before a run starts: the schedule, and a backbone left random."""
+    print(schedule(cfg), flush=True)
+    if cfg.data is not None and not (cfg.pretrained or cfg.pretrained_file):
+        print(f"gist-fast: warning: no --pretrained or --pretrained-file: {cfg.model} starts from random weights "
+              "and stays frozen (only the PEFT tensors and the head train)", file=sys.stderr)
+
+
+def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+    """Train as configured (resume: a last.pt to continue from; overwrite: start afresh in an --output that
+    holds an earlier run, which is refused otherwise); returns best/last accuracy."""
+    ckpt = checkpoint.load(resume, resumable=True) if resume else None
     cfg = resolve(cfg)
+    models.check(cfg)
+    earlier = checkpoint.earlier_run(cfg.output) if not resume else []
+    if earlier and not overwrite:
+        raise ValueError(f"--output {cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with "
+                         f"--resume {os.path.join(cfg.output, 'last.pt')}, choose another --output, or pass --overwrite")
     world = distributed.setup(cfg.device)
-    return Trainer(cfg, world, ckpt).run()
+    trainer = Trainer(cfg, world, ckpt)  # checks the data before anything of the earlier run is removed
+    if world.main:
+        _announce(cfg)
+        if earlier:
+            checkpoint.clear_run(cfg.output)
+    return trainer.run()
 
 
 def evaluate_checkpoint(path: str, split: Optional[str] = None, **overrides) -> Dict[str, Any]:
     """Accuracy of a checkpoint's student on its evaluation set (or split: a VTAB list name such as
-    'val200', an ImageFolder sub-folder, or 'train')."""
+    'val200', an ImageFolder sub-folder, or 'train'); "split" in the result names what was evaluated."""
     ckpt = checkpoint.load(path)
     cfg = TrainConfig(**{**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}})
     world = distributed.setup(cfg.device)
@@ -357,4 +386,4 @@ def evaluate_checkpoint(path: str, split: Optional[str] = None, **overrides) -> 
     loader = DataLoader(dataset, cfg.batch_size // world.size, num_workers=loader_workers(cfg),
                         sampler=distributed.EvalSampler(len(dataset), world))
     acc = evaluate(model.to(world.device), loader, world.device, cfg.amp or default_amp(world.device))
-    return {"checkpoint": path, "split": split or "test", "images": len(dataset), "acc": acc}
+    return {"checkpoint": path, "split": getattr(dataset, "split", split or "test"), "images": len(dataset), "acc": acc}

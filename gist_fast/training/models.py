@@ -1,4 +1,5 @@
 """Backbones, their patching per framework, and the optimizer/schedule of the recipe (METHODS §4)."""
+import difflib
 import logging
 import os
 from typing import List, Optional
@@ -73,6 +74,10 @@ def fused_flag(cfg: TrainConfig):
     return {"auto": "auto", "on": True, "off": False}[cfg.fused]
 
 
+def memory_mode(cfg: TrainConfig) -> Optional[str]:
+    return None if cfg.memory == "none" else cfg.memory
+
+
 def student(cfg: TrainConfig, num_classes: int, verbose: bool, patch_as: Optional[dict] = None) -> nn.Module:
     """The patched student; patch_as (a checkpoint's patch configuration) rebuilds a saved one."""
     model = backbone(cfg.model, cfg.model_kwargs, num_classes, cfg.drop_path, cfg.seed,
@@ -84,7 +89,7 @@ def student(cfg: TrainConfig, num_classes: int, verbose: bool, patch_as: Optiona
         torch.manual_seed(cfg.seed)
         return gist_fast.patch(model, peft=patch_as["peft"], gist=patch_as["gist"], rank=patch_as["rank"],
                                scale=patch_as["scale"], channels=patch_as["channels"], fused=fused_flag(cfg),
-                               verbose=verbose)
+                               memory=memory_mode(cfg), verbose=verbose)
 
 
 def teacher(cfg: TrainConfig, num_classes: int, verbose: bool) -> nn.Module:
@@ -93,7 +98,7 @@ def teacher(cfg: TrainConfig, num_classes: int, verbose: bool) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         return gist_fast.patch(model, peft=peft_of(cfg)[0], gist=False, rank=cfg.rank,
-                               fused=fused_flag(cfg), verbose=verbose)
+                               fused=fused_flag(cfg), memory=memory_mode(cfg), verbose=verbose)
 
 
 def copy_trained(src: nn.Module, dst: nn.Module) -> None:
@@ -123,9 +128,36 @@ def scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
                              warmup_lr_init=cfg.warmup_lr, cycle_limit=1)
 
 
-def input_size(name: str, kwargs: dict):
-    """(H, W) the model takes, read from a weightless copy built on the meta device."""
+def _meta_model(name: str, kwargs: dict, flag: str) -> nn.Module:
+    """A weightless copy on the meta device; an unknown name or a bad keyword names the option."""
     import timm
 
-    with torch.device("meta"):
-        return tuple(timm.create_model(name, pretrained=False, **kwargs).patch_embed.img_size)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+        raise ValueError(f"{flag} {name}: not a timm model{f' (similar: {close})' if close else ''}")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ValueError(f"{flag}-kwargs {kwargs}: {name} does not take them: {e}") from e
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse, before anything is loaded or written, a model patch() does not support (the same message
+    as patch's) or a --channels-k the model cannot hold."""
+    from gist_fast.patch import check_model
+
+    for flag, name, kwargs in [("--model", cfg.model, cfg.model_kwargs)] + (
+            [("--teacher", cfg.teacher, cfg.teacher_kwargs)] if cfg.framework == "idat" else []):
+        model = _meta_model(name, kwargs, flag)
+        try:
+            check_model(model)
+        except TypeError as e:
+            raise ValueError(f"{flag} {name}: {e}") from None
+        if flag == "--model" and cfg.channels_k is not None and cfg.channels_k > model.embed_dim:
+            raise ValueError(f"--channels-k {cfg.channels_k}: {name} has {model.embed_dim} channels per block")
+
+
+def input_size(name: str, kwargs: dict):
+    """(H, W) the model takes, read from a weightless copy built on the meta device."""
+    return tuple(_meta_model(name, kwargs, "--model").patch_embed.img_size)

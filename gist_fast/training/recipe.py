@@ -1,11 +1,15 @@
 """The authors' training recipe (METHODS §4) as defaults, the per-task VTAB-1K table, and the
 small-model defaults of the embedded digits run."""
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
+
+import torch
 
 FRAMEWORKS = ("gist", "adapter", "idat", "two-stage", "linear")
 AMP_MODES = ("bf16", "fp16", "none")
 FUSED_MODES = ("auto", "on", "off")
+MEMORY_MODES = ("auto", "lean", "min", "none")  # patch(memory=): "none" is None, the eager block
 
 # METHODS §5: task folder -> class count, in the three groups whose means are reported
 VTAB_GROUPS: Dict[str, Tuple[str, ...]] = {
@@ -33,8 +37,13 @@ TASK_HPARAMS = {
     "smallnorb_ele": (5e-3, 5e-2, 0.2),
 }
 
-# The reference backbones (ImageNet-21k ViT-B/16 student, ViT-S/16 iDAT teacher)
-RECIPE = dict(model="vit_base_patch16_224.orig_in21k", teacher="vit_small_patch16_224.augreg_in21k",
+# The reference backbones: ImageNet-21k ViT-B/16 students and a ViT-S/16 iDAT teacher. GIST's and iDAT's code
+# (timm 0.6.13's vit_base_patch16_224_in21k) loads the AugReg weights; the two-stage reconstruction follows the
+# same authors' SCT code, which loads the original ones.
+STUDENT_MODELS = {"gist": "vit_base_patch16_224.augreg_in21k", "adapter": "vit_base_patch16_224.augreg_in21k",
+                  "idat": "vit_base_patch16_224.augreg_in21k", "linear": "vit_base_patch16_224.augreg_in21k",
+                  "two-stage": "vit_base_patch16_224.orig_in21k"}
+RECIPE = dict(teacher="vit_small_patch16_224.augreg_in21k",
               epochs=100, cooldown_epochs=10, warmup_epochs=10, lr=5e-3, weight_decay=5e-5, drop_path=0.0)
 # The embedded digits run: 8x8 digits upsampled to 32x32, a 4-block ViT-Tiny with 16x16 patches
 # (a 2x2 grid: 5 tokens) so that the default run takes about a minute on two CPU cores.
@@ -43,7 +52,13 @@ EMBEDDED = dict(model="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, pat
                 teacher_kwargs=dict(img_size=32, patch_size=16, depth=4, embed_dim=96, num_heads=3),
                 epochs=8, cooldown_epochs=0, warmup_epochs=1, lr=1e-2, weight_decay=5e-5, drop_path=0.0)
 # Options that only say how/where to run: a resumed run may change them, nothing else.
-RUNTIME_OPTIONS = ("device", "workers", "output", "stop_after_steps", "progress", "eval_every", "memory_budget")
+RUNTIME_OPTIONS = ("device", "workers", "output", "stop_after_steps", "progress", "eval_every", "memory_budget",
+                   "memory")
+# Options that only apply to some frameworks: naming one for another framework is a mistake, not a no-op.
+FRAMEWORK_OPTIONS = {"peft": ("gist", "adapter", "idat"), "rank": ("gist", "adapter", "idat"),
+                     "teacher": ("idat",), "teacher_kwargs": ("idat",), "teacher_pretrained_file": ("idat",),
+                     "distill_kind": ("idat",), "stage1_epochs": ("two-stage",), "channels_k": ("two-stage",)}
+PATH_OPTIONS = ("data", "pretrained_file", "teacher_pretrained_file")  # recorded absolute: resumable from anywhere
 
 
 @dataclass
@@ -78,6 +93,7 @@ class TrainConfig:
     channels_k: Optional[int] = None
     amp: Optional[str] = None             # bf16 on a GPU that has it, else none
     fused: str = "auto"
+    memory: str = "auto"                  # the block's memory mode (patch(memory=)); how, not what, is computed
     device: Optional[str] = None
     workers: Optional[int] = None
     eval_every: int = 1
@@ -91,13 +107,65 @@ class TrainConfig:
         return self.epochs + self.cooldown_epochs
 
 
+def option(name: str) -> str:
+    """The command-line spelling of a TrainConfig field, for error messages."""
+    return "--" + name.replace("_", "-")
+
+
+def check_framework_options(framework: str, given) -> None:
+    """Refuse options the framework does not use (given: the names set on the command line)."""
+    wrong = [option(k) for k in given if framework not in FRAMEWORK_OPTIONS.get(k, (framework,))]
+    if wrong:
+        uses = "; ".join(f"{option(k)}: {'/'.join(FRAMEWORK_OPTIONS[k])}" for k in given if option(k) in wrong)
+        raise ValueError(f"--framework {framework} does not use {', '.join(wrong)} ({uses})")
+
+
+# field -> (test, what it accepts): the numeric options a run checks before it starts
+_AT_LEAST = {"epochs": 1, "cooldown_epochs": 0, "warmup_epochs": 0, "warmup_lr": 0, "min_lr": 0, "weight_decay": 0,
+             "batch_size": 1, "stage1_epochs": 1, "channels_k": 1, "num_classes": 2, "workers": 0, "eval_every": 1,
+             "stop_after_steps": 1}
+_RANGES = {**{k: (lambda v, low=low: v >= low, f">= {low}") for k, low in _AT_LEAST.items()},
+           "lr": (lambda v: v > 0, "> 0"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "rank": (lambda v: 1 <= v <= 1024, "in [1, 1024]")}
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    for name, (ok, accepted) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{option(name)} {value}: must be {accepted}")
+    for name, choices in (("amp", AMP_MODES), ("fused", FUSED_MODES), ("memory", MEMORY_MODES)):
+        if getattr(cfg, name) not in choices + ((None,) if name == "amp" else ()):
+            raise ValueError(f"{option(name)} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    if cfg.framework == "two-stage" and cfg.stage1_epochs >= cfg.total_epochs:
+        raise ValueError(f"--stage1-epochs {cfg.stage1_epochs}: two-stage needs epochs left for stage 2 "
+                         f"(the run has {cfg.total_epochs})")
+    if cfg.device is not None:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {cfg.device!r}: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {cfg.device}: {torch.cuda.device_count()} CUDA devices are visible here")
+    if cfg.pretrained and cfg.pretrained_file:
+        raise ValueError("--pretrained and --pretrained-file: give one (timm's download, or a local file)")
+
+
+def absolute_paths(options: dict) -> dict:
+    """The path options made absolute: a recorded run can be resumed or evaluated from another folder."""
+    return {k: os.path.abspath(v) if k in PATH_OPTIONS and v else v for k, v in options.items()}
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill every None: command line > per-task table > embedded-digits defaults > authors' recipe."""
+    """Fill every None: command line > per-task table > embedded-digits defaults > authors' recipe; then
+    check every value (an error names the option and what it accepts)."""
     if cfg.framework not in FRAMEWORKS:
-        raise ValueError(f"unknown framework {cfg.framework!r}; choose one of {FRAMEWORKS}")
+        raise ValueError(f"--framework {cfg.framework!r}: choose one of {', '.join(FRAMEWORKS)}")
     if cfg.task is not None and cfg.data is None:
         raise ValueError("--task needs --data ROOT (the VTAB-1K root holding the task folder)")
-    base = dict(RECIPE if cfg.data else EMBEDDED)
+    base = dict(RECIPE, model=STUDENT_MODELS[cfg.framework]) if cfg.data else dict(EMBEDDED)
     if cfg.task in TASK_HPARAMS:
         base.update(zip(("lr", "weight_decay", "drop_path"), TASK_HPARAMS[cfg.task]))
     given = {"model_kwargs": cfg.model is not None, "teacher_kwargs": cfg.teacher is not None}
@@ -107,23 +175,37 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 setattr(cfg, name, dict(value))
         elif getattr(cfg, name) is None:
             setattr(cfg, name, value)
+    for name, value in absolute_paths({k: getattr(cfg, k) for k in PATH_OPTIONS}).items():
+        setattr(cfg, name, value)
     if cfg.framework == "two-stage" and cfg.stage1_epochs is None:
         cfg.stage1_epochs = max(1, round(cfg.total_epochs / 10))
-    if cfg.amp is not None and cfg.amp not in AMP_MODES:
-        raise ValueError(f"--amp must be one of {AMP_MODES}, got {cfg.amp!r}")
-    if cfg.fused not in FUSED_MODES:
-        raise ValueError(f"--fused must be one of {FUSED_MODES}, got {cfg.fused!r}")
-    if cfg.epochs < 1 or cfg.cooldown_epochs < 0 or cfg.warmup_epochs < 0 or cfg.batch_size < 1:
-        raise ValueError("need epochs >= 1, cooldown/warm-up epochs >= 0 and batch size >= 1")
+    _check_values(cfg)
     return cfg
 
 
-def for_resume(saved: dict, given: dict) -> TrainConfig:
+def schedule(cfg: TrainConfig) -> str:
+    """The learning-rate schedule in words (timm's CosineLRScheduler: the warm-up epochs are the first epochs of
+    the cosine), printed when a run starts, with a warning when the warm-up outlasts the cosine."""
+    warmup = f", the first {cfg.warmup_epochs} a linear warm-up from {cfg.warmup_lr:g}" if cfg.warmup_epochs else ""
+    cooldown = f", then {cfg.cooldown_epochs} cool-down epochs at {cfg.min_lr:g}" if cfg.cooldown_epochs else ""
+    text = (f"schedule: {cfg.total_epochs} epochs: {cfg.epochs} of cosine decay {cfg.lr:g} -> {cfg.min_lr:g}"
+            f"{warmup}{cooldown}")
+    if cfg.warmup_epochs > cfg.epochs:
+        text += (f"\nwarning: the {cfg.warmup_epochs}-epoch warm-up is longer than the {cfg.epochs}-epoch cosine "
+                 "(--epochs): the learning rate rises through the warm-up, then drops to --min-lr "
+                 "(lower --warmup-epochs)")
+    return text
+
+
+def for_resume(saved: dict, given: dict, folder: str) -> TrainConfig:
     """A resumed run keeps the checkpoint's configuration; the command line may change only how and
-    where it runs (RUNTIME_OPTIONS). given: the options set explicitly on the command line."""
-    differ = sorted(k for k, v in given.items() if k not in RUNTIME_OPTIONS and saved.get(k) != v)
+    where it runs (RUNTIME_OPTIONS). given: the options set explicitly on the command line; folder: the
+    checkpoint's, where the run goes on writing unless --output says otherwise."""
+    given = absolute_paths(given)
+    differ = sorted(option(k) for k, v in given.items() if k not in RUNTIME_OPTIONS and saved.get(k) != v)
     if differ:
-        raise ValueError(f"--resume continues the checkpoint's run; these options differ from it: {differ} "
+        raise ValueError(f"--resume continues the checkpoint's run; these options differ from it: {', '.join(differ)} "
                          "(drop them, or start a new run in another --output)")
-    saved = dict(saved, stop_after_steps=None)  # a limit applies to the invocation that set it
-    return TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RUNTIME_OPTIONS}})
+    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    runtime = {"output": folder, **{k: v for k, v in given.items() if k in RUNTIME_OPTIONS}}
+    return TrainConfig(**{**known, "stop_after_steps": None, **runtime})  # a step limit binds only its own call

@@ -1,13 +1,19 @@
 """The VTAB-1K sweep: one training run per task, then the per-task table with the mean of the tasks
-and the mean of the three group means (METHODS §5; the two differ by a few points)."""
+and the mean of the three group means (METHODS §5; the two differ by a few points).
+
+A sweep is resumable: run the same command again and each task folder is taken as it is left — a task
+finished with the same configuration is read back, one interrupted with it continues from its last.pt,
+and a folder holding a run with other settings stops the sweep before anything trains (unless --overwrite)."""
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from statistics import mean
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from gist_fast.training.loop import train
-from gist_fast.training.recipe import VTAB_GROUPS, VTAB_TASKS, TrainConfig
+from gist_fast.training import checkpoint
+from gist_fast.training.data import VTAB_TEST, VTAB_TRAIN, DataError
+from gist_fast.training.loop import Stopped, train
+from gist_fast.training.recipe import RUNTIME_OPTIONS, VTAB_GROUPS, VTAB_TASKS, TrainConfig, option, resolve
 
 METRICS = ("last_acc", "best_acc")
 
@@ -42,23 +48,69 @@ def markdown(results: Dict[str, dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None) -> dict:
+def _settings(config: dict) -> dict:
+    """What a run computes (runtime options dropped), JSON-normalised (a tuple read back is a list)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUNTIME_OPTIONS}))
+
+
+def _recorded(folder: str) -> Tuple[Optional[dict], Optional[dict]]:
+    """(result with its configuration, or None; the configuration of last.pt, or None)."""
+    result = last = None
+    if os.path.isfile(os.path.join(folder, "result.json")):
+        with open(os.path.join(folder, "result.json")) as f:
+            result = json.load(f)
+    if os.path.isfile(os.path.join(folder, "last.pt")):
+        last = checkpoint.load(os.path.join(folder, "last.pt"))["config"]
+    return result, last
+
+
+def _plan(cfg: TrainConfig, overwrite: bool) -> str:
+    """What to do with one task folder: "done", "resume", "train" or "overwrite"; a folder holding a run with
+    other settings is refused (naming them) unless overwrite."""
+    for name in (VTAB_TRAIN, VTAB_TEST):
+        if not os.path.isfile(os.path.join(cfg.data, cfg.task, name)):
+            raise DataError(f"{os.path.join(cfg.data, cfg.task, name)}: not found (a VTAB-1K task folder has "
+                            f"{VTAB_TRAIN} and {VTAB_TEST})")
+    files = checkpoint.earlier_run(cfg.output)
+    if not files:
+        return "train"
+    if overwrite:
+        return "overwrite"
+    result, last = _recorded(cfg.output)
+    wanted = _settings(asdict(cfg))
+    if result is not None and _settings(result.get("config", {})) == wanted:
+        return "done"
+    if result is None and last is not None and _settings(last) == wanted:
+        return "resume"
+    recorded = (result or {}).get("config") or last
+    why = "not recorded" if recorded is None else ", ".join(
+        sorted(option(k) for k in wanted if _settings(recorded).get(k) != wanted[k])) + " differ"
+    raise ValueError(f"{cfg.output} holds a run ({', '.join(files)}) with other settings ({why}): pass --overwrite "
+                     "to train it again, or choose another --output")
+
+
+def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
     """Train base on every task (or the given ones) into base.output/<task>/, then write
-    base.output/vtab.md and vtab.json. A task whose result.json exists is not trained again."""
+    base.output/vtab.md and vtab.json. Every task folder is checked before the first task trains."""
     tasks: List[str] = list(tasks or VTAB_TASKS)
     unknown = [t for t in tasks if t not in VTAB_TASKS]
     if unknown:
-        raise ValueError(f"unknown VTAB-1K tasks {unknown}; choose from {', '.join(VTAB_TASKS)}")
+        raise ValueError(f"--tasks {','.join(unknown)}: not VTAB-1K tasks; choose from {', '.join(VTAB_TASKS)}")
+    configs = {t: resolve(replace(base, task=t, output=os.path.join(base.output, t))) for t in tasks}  # the
+    plans = {t: _plan(cfg, overwrite) for t, cfg in configs.items()}  # task's own lr / weight decay / drop-path
     results = {}
-    for task in tasks:
-        out = os.path.join(base.output, task)
-        done = os.path.join(out, "result.json")
-        if os.path.isfile(done):
-            with open(done) as f:
-                results[task] = json.load(f)
+    for task, cfg in configs.items():
+        if plans[task] == "done":
+            with open(os.path.join(cfg.output, "result.json")) as f:
+                results[task] = {k: v for k, v in json.load(f).items() if k != "config"}
             continue
-        print(f"== {task} ==", flush=True)
-        results[task] = train(replace(base, task=task, output=out))  # the task's own lr / wd / drop-path
+        print(f"== {task} ({'continued from last.pt' if plans[task] == 'resume' else 'trained'}) ==", flush=True)
+        resume = os.path.join(cfg.output, "last.pt") if plans[task] == "resume" else None
+        try:
+            results[task] = train(cfg, resume, overwrite=plans[task] == "overwrite")
+        except Stopped as stop:
+            raise Stopped(f"{task}: {stop.reason}; run the same gist-fast vtab command again to continue the sweep",
+                          stop.exit_code) from None
     summary = summarize(results)
     table = markdown(results, summary)
     if int(os.environ.get("RANK", "0")):
