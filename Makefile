@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp)
 	$(PIP) --no-build-isolation -e ".[dev]"
 	touch $@
 
-# GIST on the embedded 8x8 digits with a small ViT: 8 epochs, about a minute on two CPU cores
+# GIST on the embedded 8x8 digits with a small ViT: 8 epochs, about 10 s on two CPU cores (after the install)
 demo: $(VENV)/.installed
 	$(PY) -m gist_fast train --output runs/demo
 

@@ -1,6 +1,6 @@
 """`gist-fast` (or `python -m gist_fast`): train, eval, vtab, bench.
 
-    gist-fast train                                   # GIST on the embedded digits, about a minute on a CPU
+    gist-fast train                                   # GIST on the embedded digits, about 10 s on two CPU cores
     gist-fast train --framework idat --data ROOT --task cifar --pretrained
     torchrun --nproc_per_node 4 -m gist_fast train --data ROOT --task dtd --pretrained
     gist-fast eval runs/train/best.pt

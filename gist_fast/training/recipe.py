@@ -46,7 +46,7 @@ STUDENT_MODELS = {"gist": "vit_base_patch16_224.augreg_in21k", "adapter": "vit_b
 RECIPE = dict(teacher="vit_small_patch16_224.augreg_in21k",
               epochs=100, cooldown_epochs=10, warmup_epochs=10, lr=5e-3, weight_decay=5e-5, drop_path=0.0)
 # The embedded digits run: 8x8 digits upsampled to 32x32, a 4-block ViT-Tiny with 16x16 patches
-# (a 2x2 grid: 5 tokens) so that the default run takes about a minute on two CPU cores.
+# (a 2x2 grid: 5 tokens) so that the default run takes about 10 s on two CPU cores.
 EMBEDDED = dict(model="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, patch_size=16, depth=4),
                 teacher="vit_tiny_patch16_224",
                 teacher_kwargs=dict(img_size=32, patch_size=16, depth=4, embed_dim=96, num_heads=3),
