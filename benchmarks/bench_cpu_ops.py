@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from gist_fast import ops, reference
+from gist_fast import ops
 from gist_fast.ops import _backend
 
 COMPILE = os.environ.get("GIST_FAST_BENCH_COMPILE", "0") == "1"

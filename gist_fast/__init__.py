@@ -4,8 +4,7 @@
     loss = gist_fast.GistLoss()(model(images), target)
 """
 from gist_fast.losses import DistillLoss, GistLoss
-from gist_fast.memory import (ActivationReport, accumulate_backward, activation_bytes, fit_micro_batch,
-                              step_with_budget)
+from gist_fast.memory import ActivationReport, accumulate_backward, activation_bytes, fit_micro_batch, step_with_budget
 from gist_fast.patch import PEFT_KINDS, GistOutput, parameter_summary, patch, patch_config
 from gist_fast.state import load_trainable_state_dict, trainable_state_dict
 from gist_fast.two_stage import select_channels, taylor_importance

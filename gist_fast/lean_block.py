@@ -29,7 +29,7 @@ rematerialisation then plans memory). DropPath in training is reproduced exactly
 masks are drawn by the block's own DropPath modules, in the same order and from the same RNG
 stream as the eager block, and saved (B numbers).
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

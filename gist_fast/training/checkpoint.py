@@ -7,7 +7,6 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "result.json")  # what a run writes into its --output
 
 
