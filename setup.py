@@ -5,6 +5,7 @@ Set GIST_FAST_NO_EXT=1 to skip that build: the package then runs on its other ba
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -28,7 +29,7 @@ if os.environ.get("GIST_FAST_NO_EXT", "0") != "1":
 
 setup(
     name="gist_fast",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', open("gist_fast/__init__.py").read()).group(1),  # one place
     description="Fused-kernel GIST / iDAT / two-stage PEFT for timm Vision Transformers",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
@@ -43,7 +44,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "ninja", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "ninja", "matplotlib", "ruff"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["gist-fast=gist_fast.cli:main"]},

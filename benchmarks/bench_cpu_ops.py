@@ -1,6 +1,7 @@
 """CPU micro-benchmarks: the C++ ops of gist_fast._C against gist_fast.reference (eager autograd).
 
-    .venv/bin/python -m pytest benchmarks/bench_cpu_ops.py --benchmark-enable -q [--benchmark-json=benchmarks/results/cpu/ops.json]
+    .venv/bin/python -m pytest benchmarks/bench_cpu_ops.py --benchmark-enable -q \
+        [--benchmark-json=benchmarks/results/cpu/ops.json]
     .venv/bin/python benchmarks/ops_table.py benchmarks/results/cpu/ops.json   (markdown table with the ratios)
     GIST_FAST_BENCH_COMPILE=1 ...   also times torch.compile(reference) (compiled during warm-up)
     GIST_FAST_BENCH_THREADS=1 ...   pins torch's intra-op threads (on a loaded shared host, 1 is steadier)

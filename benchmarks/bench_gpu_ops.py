@@ -77,14 +77,16 @@ def _adapter(rank: int, amp: bool) -> Case:
 
 
 LOSSES = {"gist": (ops.gist_loss, reference.gist_loss),
-          "distill-kl": (functools.partial(ops.distill_loss, kind="kl"), functools.partial(reference.distill_loss, kind="kl"))}
+          "distill-kl": (functools.partial(ops.distill_loss, kind="kl"),
+                         functools.partial(reference.distill_loss, kind="kl"))}
 
 
 def _liger_losses():
     """GistLoss and DistillLoss("kl") from Liger-Kernel's building blocks."""
     from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
 
-    ce, kl = LigerCrossEntropyLoss(), LigerKLDIVLoss(reduction="batchmean", log_target=True)  # kl(log q, log p) = KL(p||q)
+    # kl(log q, log p) = KL(p||q)
+    ce, kl = LigerCrossEntropyLoss(), LigerKLDIVLoss(reduction="batchmean", log_target=True)
     gl, dl = gist_fast.GistLoss(), gist_fast.DistillLoss("kl")
 
     def log_soft(z, t):
@@ -161,7 +163,8 @@ def markdown(report: Dict) -> str:
              f"{env['date']}; triton.testing.do_bench medians (rep {report['settings']['rep_ms']} ms) after warm-up, "
              f"random data. Floor = bytes the case must move / copy bandwidth measured in this run "
              f"({report['copy_bandwidth_GBps']:.0f} GB/s); (n%) = floor / time. fused vs X = X ms / fused ms.", "",
-             "| case | floor ms | " + " | ".join(f"{k} ms" for k in IMPLS) + " | fused vs eager | vs compile | vs liger |",
+             "| case | floor ms | " + " | ".join(f"{k} ms" for k in IMPLS)
+             + " | fused vs eager | vs compile | vs liger |",
              "|---|---:|" + "---:|" * (len(IMPLS) + 3)]
     for row in report["rows"]:
         def cell(impl):
@@ -170,8 +173,10 @@ def markdown(report: Dict) -> str:
             if impl in row["errors"]:
                 return "error"
             return "skipped" if impl in row["skipped"] else "–"
-        speed = [f"{row['fused_speedup'][k]:.2f}×" if k in row["fused_speedup"] else "" for k in ("eager", "compile", "liger")]
-        lines.append(f"| {row['case']} | {row['floor_ms']:.3f} | " + " | ".join(map(cell, IMPLS)) + f" | {' | '.join(speed)} |")
+        speed = [f"{row['fused_speedup'][k]:.2f}×" if k in row["fused_speedup"] else ""
+                 for k in ("eager", "compile", "liger")]
+        lines.append(f"| {row['case']} | {row['floor_ms']:.3f} | " + " | ".join(map(cell, IMPLS))
+                     + f" | {' | '.join(speed)} |")
     errors = [f"- {row['case']} {impl}: {msg}" for row in report["rows"] for impl, msg in row["errors"].items()]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 

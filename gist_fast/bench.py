@@ -51,25 +51,32 @@ PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gist-fast bench", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=None, help="comma list; short names (vit_tiny) get _patch16_224 (default: all three on CUDA, vit_tiny on CPU)")
+    p.add_argument("--models", default=None,
+                   help="comma list; short names (vit_tiny) get _patch16_224 "
+                   "(default: all three on CUDA, vit_tiny on CPU)")
     p.add_argument("--impls", default=None, help=f"comma list of {','.join(IMPLS)} (default: all)")
     p.add_argument("--batches", default=None, help="comma list (default 32,64,128,256 on CUDA, 8,32 on CPU)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                   help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU; compile impls get 2 more)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default 5 CUDA, 1 CPU; compile impls get 2 more)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--memory", default=None, help="comma list of patch memory modes (auto,lean,min,none; default all): "
                    "keeps the gist_fast implementations that run in them")
-    p.add_argument("--memory-budget", default="16GiB", help="largest batch within this (CUDA: by trying, CPU: estimate); 'none' to skip")
+    p.add_argument("--memory-budget", default="16GiB",
+                   help="largest batch within this (CUDA: by trying, CPU: estimate); 'none' to skip")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--img-size", type=int, default=224, help="input resolution (smaller for smoke tests)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no (implementation, batch) cell that would end after this many seconds; those are recorded as skipped")
+                   help="start no (implementation, batch) cell that would end after this many seconds; "
+                   "those are recorded as skipped")
     p.add_argument("--compile-seconds", type=float, default=90.0,
-                   help="what a compiled implementation's first cell is expected to take under --time-budget (ViT-B on an H100)")
+                   help="what a compiled implementation's first cell is expected to take under --time-budget "
+                   "(ViT-B on an H100)")
     return p.parse_args(argv)
 
 
@@ -88,8 +95,10 @@ def _git_sha() -> str:
         return os.environ["GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "") if sha else "unknown"
     except Exception:
         return "unknown"
@@ -105,7 +114,8 @@ def environment(device: torch.device) -> Dict[str, str]:
     except ImportError:
         triton_version = "none"
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "torch": torch.__version__, "triton": triton_version, "timm": timm.__version__,
         "python": platform.python_version(), "git_sha": _git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -346,7 +356,8 @@ def run(args: argparse.Namespace, on_result=None) -> Dict:
         base = timm.create_model(name, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
         ref_state = gist_fast.patch(copy.deepcopy(base), fused=False, verbose=False).state_dict()
         gflops = step_gflops(base)
-        sample = torch.randn(4, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+        sample = torch.randn(4, 3, args.img_size, args.img_size,
+                             generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
         eager_loss: Dict[int, float] = {}
         for group in _groups(impls, cuda):
             runners: Dict[str, Runner] = {}
@@ -359,9 +370,11 @@ def run(args: argparse.Namespace, on_result=None) -> Dict:
                     publish()
                     continue
                 if not runners:
-                    runners = {impl: Runner(impl, build(impl, base, ref_state, device), device, amp_dtype) for impl in group}
+                    runners = {impl: Runner(impl, build(impl, base, ref_state, device), device, amp_dtype)
+                               for impl in group}
+                    # hooks miss compiled graphs
                     saved = {impl: gist_fast.activation_bytes(r.model, sample, autocast_dtype=amp_dtype)
-                             for impl, r in runners.items() if not impl.endswith("_compile")}  # hooks miss compiled graphs
+                             for impl, r in runners.items() if not impl.endswith("_compile")}
                 images, target = _batch(args, batch, device)
                 for r in runners.values():
                     r.reset(ref_state)
@@ -384,7 +397,8 @@ def run(args: argparse.Namespace, on_result=None) -> Dict:
                     }
                     rows.append(row)
                     print(f"{name} {impl:18s} b={batch:4d} {row['step_ms']:9.1f} ms  {row['images_per_s']:8.1f} img/s  "
-                          f"saved {row['saved_mb_per_image'] or float('nan'):6.2f} MB/img  |dloss| {row['loss_diff_vs_eager'] or 0:.2e}",
+                          f"saved {row['saved_mb_per_image'] or float('nan'):6.2f} MB/img  "
+                          f"|dloss| {row['loss_diff_vs_eager'] or 0:.2e}",
                           flush=True)
                 publish()
             for impl, r in runners.items():
@@ -410,7 +424,8 @@ def markdown(result: Dict) -> str:
              f"torch {env['torch']}, triton {env['triton']}, timm {env['timm']}, git {env['git_sha']}, {env['date']}; "
              f"dtype {s['dtype']}, median of {s['steps']} timed steps after {s['warmup']} warm-up; "
              f"step = forward + GIST loss + backward + AdamW.", "",
-             f"| model | impl | batch | step ms | img/s | vs eager | peak MB | saved MB/img | |Δloss| | MFU | max batch in {s['memory_budget']} |",
+             "| model | impl | batch | step ms | img/s | vs eager | peak MB | saved MB/img | |Δloss| | MFU | "
+             f"max batch in {s['memory_budget']} |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = {(r["model"], r["batch"]): r["images_per_s"] for r in _measured(result["rows"]) if r["impl"] == "eager"}
 
@@ -419,14 +434,15 @@ def markdown(result: Dict) -> str:
 
     for r in sorted(result["rows"], key=lambda r: (s["models"].index(r["model"]), r["batch"], IMPLS.index(r["impl"]))):
         if "skipped" in r:
-            lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | skipped: {r['skipped']} |"
-                         + " |" * 7)
+            lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | "
+                         f"skipped: {r['skipped']} |" + " |" * 7)
             continue
         speed = r["images_per_s"] / ref[(r["model"], r["batch"])] if (r["model"], r["batch"]) in ref else None
         mb, how = r.get("max_batch_in_budget"), r.get("max_batch_how", "")
         mb = how if mb is None else f"{mb}{' (est)' if 'estimate' in how else ''}"
         lines.append(f"| {r['model'].replace('_patch16_224', '')} | {r['impl']} | {r['batch']} | {r['step_ms']:.1f} | "
-                     f"{r['images_per_s']:.1f} | {f(speed, '.2f')}× | {f(r['peak_mem_mb'], '.0f')} | {f(r['saved_mb_per_image'], '.2f')} | "
+                     f"{r['images_per_s']:.1f} | {f(speed, '.2f')}× | {f(r['peak_mem_mb'], '.0f')} | "
+                     f"{f(r['saved_mb_per_image'], '.2f')} | "
                      f"{f(r['loss_diff_vs_eager'], '.1e')} | {f(r['mfu'], '.1%')} | {mb} |")
     return "\n".join(lines) + "\n"
 

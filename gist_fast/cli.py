@@ -61,7 +61,8 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
                    "the same without the token; idat: a teacher trained jointly; two-stage: LayerNorms, then Taylor-"
                    "selected channels; linear: head only")
-    m.add_argument("--peft", choices=PEFT_KINDS, help="override the adapter kind of gist/adapter/idat (e.g. adaptformer)")
+    m.add_argument("--peft", choices=PEFT_KINDS,
+                   help="override the adapter kind of gist/adapter/idat (e.g. adaptformer)")
     m.add_argument("--rank", type=int, help="adapter bottleneck (4)")
     m.add_argument("--distill-kind", choices=("kl", "mse"), help="iDAT distillation term (kl, T = 5)")
     m.add_argument("--stage1-epochs", type=int, help="two-stage: LayerNorm epochs (a tenth of the run)")
@@ -71,7 +72,8 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     mo = p.add_argument_group("model")
     mo.add_argument("--model", help="timm model name (as the authors' code: vit_base_patch16_224.augreg_in21k; "
                     "two-stage: vit_base_patch16_224.orig_in21k; a 4-block ViT-Tiny on the embedded digits)")
-    mo.add_argument("--model-kwargs", type=_kwargs, help="timm create_model overrides, e.g. img_size=32,patch_size=8,depth=2")
+    mo.add_argument("--model-kwargs", type=_kwargs,
+                    help="timm create_model overrides, e.g. img_size=32,patch_size=8,depth=2")
     mo.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (downloads)")
     mo.add_argument("--pretrained-file", help="a local timm checkpoint (.npz, .safetensors, .pth) for the backbone")
     mo.add_argument("--teacher", help="iDAT teacher (vit_small_patch16_224.augreg_in21k; a small ViT on digits)")
@@ -105,8 +107,8 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     x.add_argument("--stop-after-steps", type=int, help="stop after N steps with a resumable checkpoint")
     x.add_argument("--memory", choices=MEMORY_MODES, help="the block's memory mode (gist_fast.patch(memory=)): auto "
                    "(default: lean on CUDA, none on CPU), lean, min, none (the eager block)")
-    x.add_argument("--memory-budget", type=_size, help="e.g. 16GiB: run each batch's backward in the largest micro-batches "
-                   "that fit (gist_fast.fit_micro_batch) and accumulate, the same update as the whole batch")
+    x.add_argument("--memory-budget", type=_size, help="e.g. 16GiB: run each batch's backward in the largest "
+                   "micro-batches that fit (gist_fast.fit_micro_batch) and accumulate: the whole batch's update")
     x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     x.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds an earlier run "
                    "(its checkpoints, log and result are replaced)")

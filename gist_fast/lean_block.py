@@ -62,7 +62,8 @@ def unsupported_reason(block: nn.Module) -> Optional[str]:
     if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm) and _is_identity(getattr(attn, "norm", None))
             and getattr(attn, "gate", None) is None):
         return "qk-norm / scale-norm / gated attention"
-    if type(mlp) is not Mlp or not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none" or not _is_identity(mlp.norm):
+    if (type(mlp) is not Mlp or not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none"
+            or not _is_identity(mlp.norm)):
         return "MLP is not Linear-GELU-Linear"
     for ls in (block.ls1, block.ls2):
         if not (isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)):
@@ -173,8 +174,8 @@ class _LeanBlock(torch.autograd.Function):
                 u = u.reshape(-1, u.shape[-1])
             dy = dy.reshape(-1, D)
             # second adapter: y = x1 + m + s A(x1)
-            g_x1, _, g_wd2, g_bd2, g_wu2, g_bu2, _, _ = adapter_bwd(dy.contiguous(), None, x1, w_down, b_down, w_up, scale,
-                                                                None, None, None, None, True, dt)
+            g_x1, _, g_wd2, g_bd2, g_wu2, g_bu2, _, _ = adapter_bwd(
+                dy.contiguous(), None, x1, w_down, b_down, w_up, scale, None, None, None, None, True, dt)
             # MLP: m = DP2(LS2(fc2(GELU(u))))  ->  dh2
             dm = _scaled(dy.view(B, N, D), _ls_gamma(block.ls2), mask2).reshape(-1, D).to(dt)
             dg = dm @ _w(block.mlp.fc2.weight, dt)
@@ -182,8 +183,8 @@ class _LeanBlock(torch.autograd.Function):
             # first adapter + LN2: x1 = x + a + s A(x), h2 = LN2(x1)
             if ctx.gist:
                 g_x, g_a, g_wd1, g_bd1, g_wu1, g_bu1, g_n2w, g_n2b = adapter_bwd(
-                    g_x1.contiguous(), dh2.to(h2.dtype).contiguous(), xr, w_down, b_down, w_up, scale, x1, n2w, mean2, rstd2, True,
-                    dt)
+                    g_x1.contiguous(), dh2.to(h2.dtype).contiguous(), xr, w_down, b_down, w_up, scale,
+                    x1, n2w, mean2, rstd2, True, dt)
             else:
                 with torch.enable_grad():
                     x1_leaf = x1.detach().requires_grad_()
@@ -229,7 +230,8 @@ def _block_forward(block, x, wts, norms, gist, mode, dt, masks):
         a = _scaled(_attention(block, _ln(xc, block.norm1, n1w, n1b), dt), _ls_gamma(block.ls1), mask1)
         xf = x.reshape(-1, D)
         if gist:
-            x1, h2, _, _ = adapter_fwd(xf.contiguous(), *wts, scale, None, a.reshape(-1, D), n2w, n2b, block.norm2.eps, dt)
+            x1, h2, _, _ = adapter_fwd(xf.contiguous(), *wts, scale, None, a.reshape(-1, D),
+                                       n2w, n2b, block.norm2.eps, dt)
         else:
             x1 = xf + a.reshape(-1, D).to(torch.promote_types(x.dtype, dt))
             h2 = _ln(x1.to(dt), block.norm2, n2w, n2b)

@@ -8,7 +8,8 @@ from gist_fast.patch import GistOutput
 
 
 class GistLoss(nn.Module):
-    """L = CE(z_cls, y) + gist_weight CE(z_gist, y) + kl_weight (KL(σ_T(z_cls)||σ_T(z_gist)) + KL(σ_T(z_gist)||σ_T(z_cls))).
+    """L = CE(z_cls, y) + gist_weight CE(z_gist, y)
+    + kl_weight (KL(σ_T(z_cls)||σ_T(z_gist)) + KL(σ_T(z_gist)||σ_T(z_cls))).
 
     Takes a GistOutput (a gist-patched model's train-mode output) or a (logits, gist_logits) pair.
     Nothing is detached: every term sends gradients into both logit sets."""
@@ -41,7 +42,8 @@ class DistillLoss(nn.Module):
         if kind not in ops.losses.DISTILL_KINDS:
             raise ValueError(f"distill kind must be one of {ops.losses.DISTILL_KINDS}, got {kind!r}")
         ops.losses.check_options(temperature, reduction)
-        self.kind, self.temperature, self.ignore_index, self.reduction, self.fused = kind, temperature, ignore_index, reduction, fused
+        self.kind, self.temperature, self.ignore_index, self.reduction, self.fused = (
+            kind, temperature, ignore_index, reduction, fused)
 
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         return ops.distill_loss(student, teacher, target, self.kind, self.temperature, self.ignore_index,

@@ -126,7 +126,8 @@ def activation_bytes(model: nn.Module, images: Tensor, loss_fn: Optional[Callabl
 def training_state_bytes(model: nn.Module, optimizer_states: int = 2) -> int:
     """Parameters, plus a gradient and `optimizer_states` fp32 tensors (AdamW: 2) per trainable one."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * (p.element_size() + 4 * optimizer_states) for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() * (p.element_size() + 4 * optimizer_states)
+                    for p in model.parameters() if p.requires_grad)
     return params + trainable
 
 

@@ -70,7 +70,8 @@ def _normalize_channels(channels, depth: int, dim: int) -> List[List[int]]:
         raise ValueError(f"channels must hold one index list per block ({depth}), got {len(rows)}")
     for i, row in enumerate(rows):
         if not row or min(row) < 0 or max(row) >= dim or len(set(row)) != len(row):
-            raise ValueError(f"channels[{i}] must be distinct indices in [0, {dim}), got {row[:8]}{'...' if len(row) > 8 else ''}")
+            raise ValueError(f"channels[{i}] must be distinct indices in [0, {dim}), "
+                             f"got {row[:8]}{'...' if len(row) > 8 else ''}")
     return rows
 
 
@@ -109,7 +110,8 @@ def _trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
     """Counts of trainable parameters, in all and by group (head, gist, adapters, ...)."""
-    by_group = {k: sum(p.numel() for p in ps) for k, ps in _trainable_groups(model).items()} if hasattr(model, "gist_fast_config") else {}
+    by_group = ({k: sum(p.numel() for p in ps) for k, ps in _trainable_groups(model).items()}
+                if hasattr(model, "gist_fast_config") else {})
     return ParameterSummary(sum(p.numel() for p in model.parameters() if p.requires_grad),
                             sum(p.numel() for p in model.parameters()), by_group)
 
@@ -146,7 +148,8 @@ def patch(
     if not 1 <= rank <= 1024:
         raise ValueError(f"rank must be in [1, 1024], got {rank}")
     if gist and getattr(model, "attn_pool", None) is not None:
-        raise ValueError("gist=True needs token or average pooling; this model pools with attention (global_pool='map')")
+        raise ValueError("gist=True needs token or average pooling; "
+                         "this model pools with attention (global_pool='map')")
     if memory not in MEMORY_MODES + ("auto", None):
         raise ValueError(f"memory must be one of {MEMORY_MODES + ('auto',)} or None, got {memory!r}")
     dim, depth = model.embed_dim, len(model.blocks)
@@ -183,7 +186,8 @@ def patch(
             p.requires_grad_(True)
     if verbose:
         adapter = f" rank={rank} scale={config.scale}" if peft in DEFAULT_SCALE else ""
-        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused}{f' memory={config.memory}' if config.memory else ''} | {parameter_summary(model)}")
+        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused}"
+              f"{f' memory={config.memory}' if config.memory else ''} | {parameter_summary(model)}")
     return model
 
 

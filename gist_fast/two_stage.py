@@ -32,8 +32,8 @@ def taylor_importance(model: nn.Module, loader: Iterable[Tuple[Tensor, Tensor]],
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target.to(device), reduction="sum")
             grads = torch.autograd.grad(loss, streams)
-            for l, (a, g) in enumerate(zip(streams, grads)):
-                totals[l] += (a.detach().double() * g.double()).sum(dim=(0, 1))
+            for i, (a, g) in enumerate(zip(streams, grads)):
+                totals[i] += (a.detach().double() * g.double()).sum(dim=(0, 1))
             images_seen += images.shape[0]
     finally:
         for h in hooks:

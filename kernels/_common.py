@@ -79,4 +79,5 @@ def online_stats(z, other, m, s1, st, cross, inv_t):
     e1 = tl.exp(z - shift)
     et = tl.exp((z - shift) * inv_t)
     gap = tl.where(z == float("-inf"), 0.0, et * (z - other))
-    return m_new, s1 * alpha1 + tl.sum(e1, axis=0), st * alphat + tl.sum(et, axis=0), cross * alphat + tl.sum(gap, axis=0)
+    return (m_new, s1 * alpha1 + tl.sum(e1, axis=0), st * alphat + tl.sum(et, axis=0),
+            cross * alphat + tl.sum(gap, axis=0))

@@ -58,7 +58,8 @@ def _adapter_fwd_kernel(
         cols = d0 + cols0
         col_mask = cols < D
         x = tl.load(x_ptr + row_off + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+        wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None],
+                       mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
         h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
     bd = tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
     a = dot_operand(gelu(h + bd[None, :]), DOT_DTYPE)  # padded ranks: GELU(0) = 0
@@ -71,7 +72,8 @@ def _adapter_fwd_kernel(
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
         offs = row_off + cols[None, :]
-        wu_t = tl.load(wu_ptr + cols[None, :] * R + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        wu_t = tl.load(wu_ptr + cols[None, :] * R + ranks[:, None],
+                       mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
         y = tl.dot(a, dot_operand(wu_t, DOT_DTYPE), input_precision=DOT_PRECISION)
         bu = tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         res = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -176,7 +178,8 @@ def _adapter_bwd_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             offs = row_off + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+            wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None],
+                           mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
             h = tl.dot(dot_operand(x, DOT_DTYPE), dot_operand(wd_t, DOT_DTYPE), h, input_precision=DOT_PRECISION)
             if HAS_NORM:
                 o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -211,7 +214,8 @@ def _adapter_bwd_kernel(
                 gnb = tl.sum(gn, axis=0)
                 _add_partial(gnw_ptr + slot * D + cols, gnw, col_mask, ATOMIC)
                 _add_partial(gnb_ptr + slot * D + cols, gnb, col_mask, ATOMIC)
-            wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+            wu = tl.load(wu_ptr + cols[:, None] * R + ranks[None, :],
+                         mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
             g_dot = dot_operand(g, DOT_DTYPE)
             ga = tl.dot(g_dot, dot_operand(wu, DOT_DTYPE), ga, input_precision=DOT_PRECISION)
             gwu = scale * tl.dot(tl.trans(g_dot), a, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_R)
@@ -232,7 +236,8 @@ def _adapter_bwd_kernel(
             col_mask = cols < D
             mask = row_mask[:, None] & col_mask[None, :]
             offs = row_off + cols[None, :]
-            wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+            wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :],
+                         mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
             gx = tl.dot(gh, dot_operand(wd, DOT_DTYPE), input_precision=DOT_PRECISION)
             if X_IS_BASE:
                 if HAS_NORM:
@@ -251,10 +256,14 @@ def _adapter_bwd_kernel(
 # and dot-operand width; every entry is held to an H100's shared memory and (16-bit, rank <= 64) to zero
 # register spills by tests/test_sm90_gate.py.
 _TILES = {
-    ("fwd", 16): {16: (64, 128, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
-    ("bwd", 16): {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
-    ("fwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
-    ("bwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    ("fwd", 16): {16: (64, 128, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2),
+                  128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
+    ("bwd", 16): {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2),
+                  128: (64, 32, 8, 2), 256: (32, 32, 4, 2)},
+    ("fwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1),
+                  128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    ("bwd", 32): {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 32, 4, 1),
+                  128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
 
 

@@ -44,12 +44,14 @@ def _pair_loss_fwd_kernel(
     BLOCK_B: tl.constexpr,  # rows per step of the final reduction
 ):
     """rows = CE(z_a) + c_b CE(z_b) + k_ab KL(p_a||p_b) + k_ba KL(p_b||p_a) (p = softmax(z / T)), or, MODE 2,
-    CE(z_a) + CE(z_b) + mean_c (z_a - z_b)^2; GIST: c_b = w_b, k_ab = k_ba = w_kl; iDAT-KL: c_b = 1, k_ab = 0, k_ba = 1."""
+    CE(z_a) + CE(z_b) + mean_c (z_a - z_b)^2; GIST: c_b = w_b, k_ab = k_ba = w_kl;
+    iDAT-KL: c_b = 1, k_ab = 0, k_ba = 1."""
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     tgt = tl.load(target_ptr + row)
     valid = tgt != ignore_index
-    tl.device_assert(~valid | ((tgt >= 0) & (tgt < C)), "gist_fast loss: target label outside [0, classes) and not ignore_index")
+    tl.device_assert(~valid | ((tgt >= 0) & (tgt < C)),
+                     "gist_fast loss: target label outside [0, classes) and not ignore_index")
     tgt = tl.where(valid, tgt, 0)
     if MODE == 0:
         c_b, k_ab, k_ba = w_b, w_kl, w_kl
@@ -186,7 +188,8 @@ def pair_loss_fwd(a, b, target, mode, w_b, w_kl, temperature, ignore_index, redu
     block = _block_c(C)
     _pair_loss_fwd_kernel[(B,)](
         a, b, target, rows, grad_a if compute_grad else rows, grad_b if compute_grad else rows, loss, n_valid,
-        torch.zeros((), dtype=torch.int32, device=dev), B, C, float(w_b), float(w_kl), 1.0 / float(temperature), int(ignore_index), red,
+        torch.zeros((), dtype=torch.int32, device=dev), B, C, float(w_b), float(w_kl), 1.0 / float(temperature),
+        int(ignore_index), red,
         MODE=MODES.index(mode), COMPUTE_GRAD=bool(compute_grad), BLOCK_C=block, BLOCK_B=_BLOCK_B,
         num_warps=4 if block <= 1024 else 8,
         debug=True, sanitize_overflow=False,  # keep the label check (device_assert), without integer-overflow checks

@@ -19,4 +19,5 @@ def assert_oracle(ours: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, na
     ref_err = (ref64 - exact).abs().nan_to_num(0).max().item()
     our_err = (ours64 - exact).abs().max().item()
     atol = ATOL[dtype or ours.dtype] * (1.0 + exact.abs().max().item())
-    assert our_err <= 2 * ref_err + atol, f"{name}: error {our_err:.3g} > 2 x reference error {ref_err:.3g} + {atol:.2g}"
+    assert our_err <= 2 * ref_err + atol, (f"{name}: error {our_err:.3g} > 2 x reference error {ref_err:.3g} "
+                                           f"+ {atol:.2g}")

@@ -71,7 +71,8 @@ def configurations():
         out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, branch.dtype))
         stats = torch.empty(x.shape[0]) if has_norm else None
         adapter.adapter_bwd(torch.empty_like(out), torch.empty_like(out) if has_norm else None, x, wd, bd, wu, 0.1,
-                            out if has_norm else None, nw, stats, stats, x_is_base, dot_dtype=dot, atomic=not deterministic)
+                            out if has_norm else None, nw, stats, stats, x_is_base,
+                            dot_dtype=dot, atomic=not deterministic)
 
     for dtypes in _dtype_sets():
         for rank in range(1, adapter.MAX_RANK + 1):
@@ -86,7 +87,8 @@ def configurations():
         B = 8
         a, b = torch.empty(B, classes, dtype=dtype), torch.empty(B, classes, dtype=dtype)
         target = torch.zeros(B, dtype=torch.long)
-        loss_out, grad_a, grad_b, stats = losses.pair_loss_fwd(a, b, target, mode, 0.5, 0.75, 3.0, -100, reduction, grad)
+        loss_out, grad_a, grad_b, stats = losses.pair_loss_fwd(
+            a, b, target, mode, 0.5, 0.75, 3.0, -100, reduction, grad)
         if grad:
             upstream = torch.ones(B) if reduction == "none" else torch.ones(())
             losses.pair_loss_bwd(upstream, grad_a, grad_b, stats, reduction)
@@ -212,7 +214,8 @@ def main() -> None:
             "kernel": metadata.name, "hash": metadata.hash, "num_warps": metadata.num_warps,
             "num_stages": metadata.num_stages, "shared_bytes": metadata.shared, **usage,
             "atomics": _atomics(kernel.asm["ptx"]), "configs": [list(label) for label in labels],
-            "training_path": any(training_path("loss" if lb[0] == "pair_loss" else "adapter", lb[1], lb[2]) for lb in labels),
+            "training_path": any(training_path("loss" if lb[0] == "pair_loss" else "adapter", lb[1], lb[2])
+                                 for lb in labels),
         })
     args.report.write_text(json.dumps({"triton": triton.__version__, "records": records, "errors": errors}, indent=1))
 

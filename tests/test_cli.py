@@ -68,7 +68,8 @@ def test_missing_data_folder_and_unknown_sweep_task(root, tmp_path, capsys):
 
 def test_resume_and_eval_refuse_foreign_files(root, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(capsys, cli.main(["train", "--resume", str(tmp_path / "notes.txt")]), "not a gist-fast train checkpoint")
+    code = cli.main(["train", "--resume", str(tmp_path / "notes.txt")])
+    _one_line_error(capsys, code, "not a gist-fast train checkpoint")
     _one_line_error(capsys, cli.main(["eval", str(tmp_path / "notes.txt")]), "not a gist-fast train checkpoint")
     assert train(root, tmp_path / "run", "--stop-after-steps", "1") == 0  # a first epoch: best.pt exists
     capsys.readouterr()

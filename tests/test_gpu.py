@@ -14,7 +14,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("rows,dim,rank", [(128 * 198, 768, 4), (128 * 198, 768, 64), (4099, 8192, 16)])
 def test_adapter_norm_at_vit_sizes(rows, dim, rank):
     g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *s, std=1.0: torch.randn(*s, device="cuda", generator=g) * std
+
+    def rnd(*s, std=1.0):
+        return torch.randn(*s, device="cuda", generator=g) * std
+
     inputs = [rnd(rows, dim), rnd(rank, dim, std=dim ** -0.5), rnd(rank, std=0.1), rnd(dim, rank, std=rank ** -0.5),
               rnd(dim, std=0.1), rnd(rows, dim), 1 + rnd(dim, std=0.1), rnd(dim, std=0.1)]
     grads = [rnd(rows, dim), rnd(rows, dim)]
@@ -35,7 +38,8 @@ def test_gist_loss_large_vocabulary():
     a, b = (torch.randn(64, 262_144, device="cuda") * 3 for _ in range(2))
     y = torch.randint(0, 262_144, (64,), device="cuda")
     outs = []
-    for fn, dtype in ((ops.gist_loss, torch.bfloat16), (reference.gist_loss, torch.bfloat16), (reference.gist_loss, torch.float64)):
+    for fn, dtype in ((ops.gist_loss, torch.bfloat16), (reference.gist_loss, torch.bfloat16),
+                      (reference.gist_loss, torch.float64)):
         la, lb = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
         loss = fn(la, lb, y)
         (loss * 1.3).backward()

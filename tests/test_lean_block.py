@@ -31,8 +31,8 @@ def _grads(model, x, target, amp, weight):
     with torch.autocast("cpu", torch.bfloat16, enabled=amp):
         out = model(x)
         logits = torch.cat(list(out), 1) if isinstance(out, tuple) else out
-        loss = (logits.float() * weight).sum() + gist_fast.GistLoss(fused=False)(out, target) if isinstance(out, tuple) \
-            else (logits.float() * weight).sum()
+        loss = (logits.float() * weight).sum() + gist_fast.GistLoss(fused=False)(out, target) \
+            if isinstance(out, tuple) else (logits.float() * weight).sum()
     loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
     grads["input"] = x.grad.float().clone()
@@ -164,9 +164,12 @@ def test_adapter_contract_matches_reference():
 
     torch.manual_seed(0)
     M, D, r = 27, 24, 4
-    x, br = torch.randn(M, D, dtype=torch.float64, requires_grad=True), torch.randn(M, D, dtype=torch.float64, requires_grad=True)
-    wd, bd = (torch.randn(r, D, dtype=torch.float64) * 0.3).requires_grad_(), torch.randn(r, dtype=torch.float64).requires_grad_()
-    wu, bu = (torch.randn(D, r, dtype=torch.float64) * 0.3).requires_grad_(), torch.randn(D, dtype=torch.float64).requires_grad_()
+    x, br = (torch.randn(M, D, dtype=torch.float64, requires_grad=True),
+             torch.randn(M, D, dtype=torch.float64, requires_grad=True))
+    wd, bd = ((torch.randn(r, D, dtype=torch.float64) * 0.3).requires_grad_(),
+              torch.randn(r, dtype=torch.float64).requires_grad_())
+    wu, bu = ((torch.randn(D, r, dtype=torch.float64) * 0.3).requires_grad_(),
+              torch.randn(D, dtype=torch.float64).requires_grad_())
     nw, nb = torch.randn(D, dtype=torch.float64).requires_grad_(), torch.randn(D, dtype=torch.float64).requires_grad_()
     out, normed = reference.adapter_norm(x, wd, bd, wu, bu, 0.1, nw, nb, 1e-6, branch=br)
     go, gn = torch.randn_like(out), torch.randn_like(out)

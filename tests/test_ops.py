@@ -40,7 +40,8 @@ class _nullcontext:
 def _check_against_reference(ours_fn, ref_fn, inputs, grads, backend, dtype, names):
     ours = _run(ours_fn, inputs, grads, backend)
     ref = _run(ref_fn, inputs, grads)
-    exact = _run(ref_fn, [t.double() if t is not None and t.is_floating_point() else t for t in inputs], [g.double() for g in grads])
+    exact = _run(ref_fn, [t.double() if t is not None and t.is_floating_point() else t for t in inputs],
+                 [g.double() for g in grads])
     for kind, (o_list, r_list, e_list) in (("out", (ours[0], ref[0], exact[0])), ("grad", (ours[1], ref[1], exact[1]))):
         for i, (o, r, e) in enumerate(zip(o_list, r_list, e_list)):
             if e is None:
@@ -53,7 +54,8 @@ def _check_against_reference(ours_fn, ref_fn, inputs, grads, backend, dtype, nam
 ADAPTER_SHAPES = [(1, 32, 1), (198, 384, 4), (37, 1000, 8), (65, 768, 64)]
 ADAPTER_SHAPES_LARGE = [(3001, 768, 4), (129, 8192, 16)]
 VARIANTS = ["seq", "gist", "base", "norm"]
-ADAPTER_NAMES = {"out": ["out", "normed"], "grad": ["x", "w_down", "b_down", "w_up", "b_up", "base", "branch", "norm_w", "norm_b"]}
+ADAPTER_NAMES = {"out": ["out", "normed"],
+                 "grad": ["x", "w_down", "b_down", "w_up", "b_up", "base", "branch", "norm_w", "norm_b"]}
 
 
 def _adapter_inputs(rows, dim, rank, dtype, variant, device, seed=0):
@@ -66,13 +68,16 @@ def _adapter_inputs(rows, dim, rank, dtype, variant, device, seed=0):
     base = rnd(*x.shape) if variant == "base" else None
     branch = rnd(*x.shape) if variant in ("gist", "base", "norm") else None
     norm = (1 + rnd(dim, std=0.1), rnd(dim, std=0.1)) if variant == "norm" else (None, None)
-    return [x, rnd(rank, dim, std=dim ** -0.5), rnd(rank, std=0.1), rnd(dim, rank, std=rank ** -0.5), rnd(dim, std=0.1), base, branch, *norm]
+    return [x, rnd(rank, dim, std=dim ** -0.5), rnd(rank, std=0.1), rnd(dim, rank, std=rank ** -0.5), rnd(dim, std=0.1),
+            base, branch, *norm]
 
 
 def _adapter_fns(variant, scale=0.1, eps=1e-6):
     if variant == "norm":
-        return (lambda x, wd, bd, wu, bu, base, br, nw, nb: ops.adapter_norm(x, wd, bd, wu, bu, scale, nw, nb, eps, base, br),
-                lambda x, wd, bd, wu, bu, base, br, nw, nb: reference.adapter_norm(x, wd, bd, wu, bu, scale, nw, nb, eps, base, br))
+        return (lambda x, wd, bd, wu, bu, base, br, nw, nb:
+                    ops.adapter_norm(x, wd, bd, wu, bu, scale, nw, nb, eps, base, br),
+                lambda x, wd, bd, wu, bu, base, br, nw, nb:
+                    reference.adapter_norm(x, wd, bd, wu, bu, scale, nw, nb, eps, base, br))
     return (lambda x, wd, bd, wu, bu, base, br, nw, nb: ops.adapter(x, wd, bd, wu, bu, scale, base, br),
             lambda x, wd, bd, wu, bu, base, br, nw, nb: reference.adapter(x, wd, bd, wu, bu, scale, base, br))
 
@@ -80,7 +85,8 @@ def _adapter_fns(variant, scale=0.1, eps=1e-6):
 def _check_adapter(backend, dtype, shape, variant):
     inputs = _adapter_inputs(*shape, dtype, variant, _device(backend))
     g = torch.Generator().manual_seed(1)
-    grads = [torch.randn(inputs[0].shape, generator=g).to(inputs[0].device) for _ in range(2 if variant == "norm" else 1)]
+    grads = [torch.randn(inputs[0].shape, generator=g).to(inputs[0].device)
+             for _ in range(2 if variant == "norm" else 1)]
     ours, ref = _adapter_fns(variant)
     _check_against_reference(ours, ref, inputs, grads, backend, dtype, ADAPTER_NAMES)
 
@@ -106,8 +112,10 @@ def test_adapter_mixed_dtypes_as_under_autocast(backend):
     device = _device(backend)
     x, wd, bd, wu, bu, _, _, _, _ = _adapter_inputs(50, 96, 4, torch.float32, "seq", device)
     branch = torch.randn_like(x).bfloat16()
-    ours = _run(lambda *t: ops.adapter(*t[:5], 0.1, branch=t[5]), [x, wd, bd, wu, bu, branch], [torch.randn_like(x)], backend)
-    ref = _run(lambda *t: reference.adapter(*t[:5], 0.1, branch=t[5].float()), [x, wd, bd, wu, bu, branch], [torch.randn_like(x)])
+    ours = _run(lambda *t: ops.adapter(*t[:5], 0.1, branch=t[5]),
+                [x, wd, bd, wu, bu, branch], [torch.randn_like(x)], backend)
+    ref = _run(lambda *t: reference.adapter(*t[:5], 0.1, branch=t[5].float()),
+               [x, wd, bd, wu, bu, branch], [torch.randn_like(x)])
     assert ours[0][0].dtype == torch.float32
     assert ours[1][5].dtype == torch.bfloat16
     torch.testing.assert_close(ours[0][0], ref[0][0], rtol=1e-5, atol=1e-5)
@@ -267,4 +275,5 @@ def test_reference_fallback_when_no_backend(monkeypatch):
     """With no fused backend the public functions are the reference, autograd and all."""
     monkeypatch.setattr(_backend, "select", lambda t: "reference")
     x, wd, bd, wu, bu, *_ = _adapter_inputs(4, 32, 4, torch.float32, "seq", "cpu")
-    torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1), reference.adapter(x, wd, bd, wu, bu, 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1), reference.adapter(x, wd, bd, wu, bu, 0.1),
+                               rtol=0, atol=0)

@@ -24,11 +24,13 @@ def _pinned_triton() -> str:
         return ""
     target = gate.CACHE / f"triton-{gate.PINNED_TRITON}-site"
     if not (target / "triton" / "__init__.py").exists():
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={gate.PINNED_TRITON}"]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+               f"triton=={gate.PINNED_TRITON}"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=600)
         except (subprocess.SubprocessError, OSError) as e:
-            warnings.warn(f"sm90 gate: could not install triton=={gate.PINNED_TRITON} ({e}); gating with triton {triton.__version__}")
+            warnings.warn(f"sm90 gate: could not install triton=={gate.PINNED_TRITON} ({e}); "
+                          f"gating with triton {triton.__version__}")
             return ""
     return str(target)
 
@@ -41,8 +43,10 @@ def report(tmp_path_factory):
     if pinned:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pinned, env.get("PYTHONPATH", "")) if p)
     shards = max(1, min(4, os.cpu_count() or 1))
-    procs = [subprocess.Popen([sys.executable, str(Path(gate.__file__)), str(folder / f"{i}.json"), "--shard", f"{i}/{shards}"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(shards)]
+    procs = [subprocess.Popen([sys.executable, str(Path(gate.__file__)), str(folder / f"{i}.json"),
+                               "--shard", f"{i}/{shards}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(shards)]
     logs = [p.communicate(timeout=1500)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, f"sm90 gate crashed:\n{log[-4000:]}"
@@ -52,9 +56,9 @@ def report(tmp_path_factory):
 
 
 def _describe(record) -> str:
-    return (f"{record['kernel']} {record['configs'][0]} (+{len(record['configs']) - 1} configs): warps {record['num_warps']}, "
-            f"stages {record['num_stages']}, shared {record['shared_bytes']} B, {record['registers']} registers, "
-            f"{record['spill_bytes']} B spilled, atomics {record['atomics']}")
+    return (f"{record['kernel']} {record['configs'][0]} (+{len(record['configs']) - 1} configs): "
+            f"warps {record['num_warps']}, stages {record['num_stages']}, shared {record['shared_bytes']} B, "
+            f"{record['registers']} registers, {record['spill_bytes']} B spilled, atomics {record['atomics']}")
 
 
 def _failures(report, bad) -> str:
@@ -76,12 +80,16 @@ def test_every_configuration_compiles(report):
 
 
 def test_shared_memory_fits_an_h100(report):
-    too_big = lambda r: r["shared_bytes"] > gate.H100_SHARED_BYTES
+    def too_big(r):
+        return r["shared_bytes"] > gate.H100_SHARED_BYTES
+
     assert not any(map(too_big, report["records"])), _failures(report, too_big)
 
 
 def test_no_register_spills_on_the_training_paths(report):
-    spills = lambda r: r["training_path"] and r["spill_bytes"] > 0
+    def spills(r):
+        return r["training_path"] and r["spill_bytes"] > 0
+
     assert not any(map(spills, report["records"])), _failures(report, spills)
 
 

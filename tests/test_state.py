@@ -9,7 +9,8 @@ def _trained(peft="adapter", gist=True, channels=None):
     model = gist_fast.patch(tiny_vit(), peft=peft, gist=gist, channels=channels, verbose=False).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     out = model(images())
-    loss = gist_fast.GistLoss()(out, torch.tensor([0, 1, 2])) if gist else torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2]))
+    loss = (gist_fast.GistLoss()(out, torch.tensor([0, 1, 2])) if gist
+            else torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2])))
     loss.backward()
     opt.step()
     return model.eval()
@@ -36,7 +37,7 @@ def test_state_holds_only_trainable_tensors_and_config():
     sd = gist_fast.trainable_state_dict(_trained())
     assert sd["gist_fast_config"]["peft"] == "adapter" and sd["gist_fast_config"]["gist"] is True
     assert set(sd["state_dict"]) == {"gist_token", "head.weight", "head.bias"} | {
-        f"blocks.{i}.adapter.{l}.{w}" for i in range(2) for l in ("down", "up") for w in ("weight", "bias")}
+        f"blocks.{i}.adapter.{proj}.{w}" for i in range(2) for proj in ("down", "up") for w in ("weight", "bias")}
 
 
 def test_load_errors():

@@ -42,7 +42,8 @@ def test_malformed_line_names_file_and_line(root):
 
 def test_label_out_of_range_for_the_task(root):
     _edit_line(root / "kitti" / "test.txt", 5, "images/test_2_0.png 4")  # kitti has 4 classes: 0..3
-    with pytest.raises(data.DataError, match=r"test.txt:5: label 4 is outside 0..3 \(num_classes=4 from the VTAB-1K table"):
+    with pytest.raises(data.DataError,
+                       match=r"test.txt:5: label 4 is outside 0..3 \(num_classes=4 from the VTAB-1K table"):
         data.build(str(root), "kitti", None, SIZE)
 
 

@@ -26,7 +26,7 @@ def test_each_framework_trains_logs_and_checkpoints(root, tmp_path, framework):
     assert train(root, tmp_path, "--framework", framework) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["framework"] == framework and 0 <= result["last_acc"] <= 100
-    epochs = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if "epoch" in r and "test_acc" in r] == [1, 2]
     last = torch.load(tmp_path / "last.pt", weights_only=False)
     assert last["epoch"] == 2 and set(last) >= {"optimizers", "schedulers", "per_rank", "best_acc"}
@@ -36,7 +36,8 @@ def test_each_framework_trains_logs_and_checkpoints(root, tmp_path, framework):
     assert last["student"]["gist_fast_config"]["gist"] == (framework == "gist")
     if framework == "two-stage":  # the selected channels travel in the checkpoint; k = D/8 = 6
         assert [len(c) for c in last["student"]["gist_fast_config"]["channels"]] == [6, 6]
-        assert any(json.loads(l).get("event") == "stage2" for l in (tmp_path / "log.jsonl").read_text().splitlines())
+        assert any(json.loads(line).get("event") == "stage2"
+                   for line in (tmp_path / "log.jsonl").read_text().splitlines())
     if framework == "idat":  # the teacher is kept for resuming only: best.pt is the student alone
         assert last["teacher"] is not None and len(last["optimizers"]) == 2
         assert "teacher" not in torch.load(tmp_path / "best.pt", weights_only=False)
@@ -90,7 +91,8 @@ def test_optimizer_decays_matrices_and_gist_token_and_schedule_shape():
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert any(p is model.gist_token for p in decayed["params"])  # the 1x1xD token is decayed
     assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert ({id(p) for g in opt.param_groups for p in g["params"]}
+            == {id(p) for p in model.parameters() if p.requires_grad})
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
     sched, lrs = models.scheduler(opt, cfg), []
     for epoch in range(cfg.total_epochs):
@@ -104,8 +106,10 @@ def test_optimizer_decays_matrices_and_gist_token_and_schedule_shape():
 def test_vtab_command_tabulates_task_and_group_means(tmp_path, capsys):
     make_task(tmp_path / "data", "kitti", classes=4)
     make_task(tmp_path / "data", "patch_camelyon", classes=2)
-    argv = ["vtab", "--data", str(tmp_path / "data"), "--tasks", "kitti,patch_camelyon", "--output", str(tmp_path / "out"),
-            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8", "--framework", "linear", *TINY]
+    argv = ["vtab", "--data", str(tmp_path / "data"), "--tasks", "kitti,patch_camelyon",
+            "--output", str(tmp_path / "out"),
+            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8",
+            "--framework", "linear", *TINY]
     assert cli.main(argv) == 0
     table = json.loads((tmp_path / "out" / "vtab.json").read_text())
     accs = {t: r["last_acc"] for t, r in table["tasks"].items()}
@@ -119,7 +123,8 @@ def test_vtab_command_tabulates_task_and_group_means(tmp_path, capsys):
 
 def test_embedded_digits_default_learns(tmp_path):
     """No --data: sklearn's digits on the small default ViT; two epochs are far above 10% chance."""
-    argv = ["train", "--output", str(tmp_path), "--epochs", "2", "--warmup-epochs", "0", "--fused", "off", "--no-progress"]
+    argv = ["train", "--output", str(tmp_path), "--epochs", "2", "--warmup-epochs", "0", "--fused", "off",
+            "--no-progress"]
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["task"] == "digits" and result["last_acc"] >= 50.0

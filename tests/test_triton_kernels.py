@@ -55,8 +55,9 @@ def test_adapter_small_chunks_and_both_reductions(rank, atomic, x_is_base):
                         block_m=16, block_d=16, atomic=atomic)
     grad_x, grad_res, g_wd, g_bd, g_wu, g_bu, g_nw, g_nb = grads
     expected_x = leaves[0].grad
-    for name, ours, exact in [("x", grad_x, expected_x), ("w_down", g_wd, leaves[1].grad), ("b_down", g_bd, leaves[2].grad),
-                              ("w_up", g_wu, leaves[3].grad), ("b_up", g_bu, leaves[4].grad), ("branch", grad_res, leaves[5].grad),
+    for name, ours, exact in [("x", grad_x, expected_x), ("w_down", g_wd, leaves[1].grad),
+                              ("b_down", g_bd, leaves[2].grad), ("w_up", g_wu, leaves[3].grad),
+                              ("b_up", g_bu, leaves[4].grad), ("branch", grad_res, leaves[5].grad),
                               ("norm_w", g_nw, leaves[6].grad), ("norm_b", g_nb, leaves[7].grad)]:
         if name == "x" and not x_is_base:  # the reference's x also feeds base = 0.5 x; ours is the adapter path only
             exact = exact - 0.5 * leaves[5].grad
@@ -87,7 +88,8 @@ def test_adapter_launcher_refuses_strided_views():
 
     x, wd, bd, wu, bu, *_ = _adapter_case(32, 48, 4)
     with pytest.raises(ValueError, match="x must be a contiguous"):
-        adapter_fwd(x.t().contiguous().t(), wd.float(), bd.float(), wu.float(), bu.float(), 0.1, None, None, None, None, 0.0)
+        adapter_fwd(x.t().contiguous().t(), wd.float(), bd.float(), wu.float(), bu.float(), 0.1,
+                    None, None, None, None, 0.0)
     with pytest.raises(ValueError, match="w_up must be a contiguous"):
         adapter_fwd(x, wd.float(), bd.float(), wd.float().t(), bu.float(), 0.1, None, None, None, None, 0.0)
 
@@ -216,8 +218,8 @@ def test_loss_backward_scales_both_gradients_in_storage_dtype(reduction):
         assert ours.dtype == torch.bfloat16
         torch.testing.assert_close(ours, (g.float() * scale).bfloat16(), rtol=tol, atol=0)
     expanded = torch.tensor(2.0, device=DEVICE).expand(5)  # stride 0, as autograd hands a broadcast gradient
-    torch.testing.assert_close(pair_loss_bwd(expanded, grad_a, grad_b, n_valid, "none")[0], (grad_a.float() * 2).bfloat16(),
-                               rtol=tol, atol=0)
+    torch.testing.assert_close(pair_loss_bwd(expanded, grad_a, grad_b, n_valid, "none")[0],
+                               (grad_a.float() * 2).bfloat16(), rtol=tol, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA a device-side assert ends the process, as torch's CE")

@@ -7,9 +7,11 @@ from PIL import Image
 
 from gist_fast import cli
 
-TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=2,num_heads=3",
+TINY = ["--model", "vit_tiny_patch16_224",
+        "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=2,num_heads=3",
         "--fused", "off", "--workers", "0", "--no-progress"]
-TEACHER = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32,patch_size=8,embed_dim=24,depth=1,num_heads=3"]
+TEACHER = ["--teacher", "vit_tiny_patch16_224",
+           "--teacher-kwargs", "img_size=32,patch_size=8,embed_dim=24,depth=1,num_heads=3"]
 
 
 def tiny(framework="gist"):
@@ -35,7 +37,10 @@ def make_task(root, task="kitti", classes=4, train_per_class=4, test_per_class=2
                 Image.fromarray(pixels).save(os.path.join(folder, name))
                 lines.append(f"{name} {c}")
         lists[split] = lines
-    write = lambda name, lines: open(os.path.join(folder, name), "w").write("\n".join(lines) + "\n")
+    def write(name, lines):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
     write("train800val200.txt", lists["train"])
     write("train800.txt", lists["train"][::2])
     write("val200.txt", lists["train"][1::2])
@@ -46,8 +51,8 @@ def make_task(root, task="kitti", classes=4, train_per_class=4, test_per_class=2
 def train(root, out, *extra, task="kitti"):
     """`gist-fast train` on the tiny task, two short epochs; returns the exit code."""
     argv = ["train", "--data", str(root), "--task", task, "--output", str(out), "--epochs", "2",
-            "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8", *tiny("idat" if "idat" in extra else ""),
-            *extra]
+            "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8",
+            *tiny("idat" if "idat" in extra else "gist"), *extra]
     return cli.main(argv)
 
 

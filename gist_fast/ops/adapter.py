@@ -50,7 +50,8 @@ def _(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias
     dtype = _out_dtype(x, base, branch)
     out = x.new_empty(x.shape, dtype=dtype)
     if norm_weight is None:
-        return out, x.new_empty(_EMPTY, dtype=dtype), x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.float32)
+        return (out, x.new_empty(_EMPTY, dtype=dtype), x.new_empty(_EMPTY, dtype=torch.float32),
+                x.new_empty(_EMPTY, dtype=torch.float32))
     stats = x.new_empty(x.shape[:1], dtype=torch.float32)
     return out, x.new_empty(x.shape, dtype=dtype), stats, stats.new_empty(stats.shape)
 
@@ -64,8 +65,8 @@ def adapter_bwd(
     """Returns grad_x (x's dtype; includes the residual gradient when x_is_base), grad_residual (the
     total gradient reaching out, only when a norm is fused, else empty), the four adapter weight
     gradients (in the dtypes of w_down, b_down, w_up, w_up) and grad_norm_weight, grad_norm_bias (fp32 or empty)."""
-    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd,
-                                        x_is_base, dot_dtype=dot_dtype)
+    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean,
+                                        rstd, x_is_base, dot_dtype=dot_dtype)
 
 
 @adapter_bwd.register_fake
@@ -162,10 +163,11 @@ def adapter_norm(
     """The adapter above plus LayerNorm(out) from the same pass; returns (out, normed)."""
     _check(x, w_down, b_down, w_up, b_up, base, branch)
     if norm_weight.shape != x.shape[-1:] or norm_bias.shape != x.shape[-1:]:
-        raise ValueError(f"norm weight and bias must be ({x.shape[-1]},), got {tuple(norm_weight.shape)}, {tuple(norm_bias.shape)}")
+        raise ValueError(f"norm weight and bias must be ({x.shape[-1]},), "
+                         f"got {tuple(norm_weight.shape)}, {tuple(norm_bias.shape)}")
     if not _backend.available(x):
         return reference.adapter_norm(x, w_down, b_down, w_up, b_up, scale, norm_weight, norm_bias, eps, base, branch)
     flat = [t.reshape(-1, x.shape[-1]).contiguous() if t is not None else None for t in (x, base, branch)]
-    out, normed, _, _ = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], norm_weight, norm_bias,
-                                    float(eps), autocast_dtype(x))
+    out, normed, _, _ = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2],
+                                    norm_weight, norm_bias, float(eps), autocast_dtype(x))
     return out.view(x.shape), normed.view(x.shape)

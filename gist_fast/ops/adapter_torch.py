@@ -32,7 +32,8 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
     return out, normed, _up(mean.view(-1)), _up(rstd.view(-1))
 
 
-def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base, dot_dtype=None):
+def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
+                dot_dtype=None):
     """The gradients of adapter_fwd (the op's contract): grad_x (with the residual when
     x_is_base), grad_residual (total gradient at out, when a norm is fused), weight gradients, norm
     weight/bias gradients (fp32)."""
@@ -42,7 +43,8 @@ def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm
     if norm_weight is not None:
         w = norm_weight.to(out.dtype)
         gx, g_nw, g_nb = torch.ops.aten.native_layer_norm_backward(
-            grad_normed.to(out.dtype), out, out.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w, (True, True, True))
+            grad_normed.to(out.dtype), out, out.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w,
+            (True, True, True))
         g, g_nw, g_nb = g + _up(gx), _up(g_nw), _up(g_nb)
     xf = _up(x)
     z = F.linear(xf, _up(w_down), _up(b_down))

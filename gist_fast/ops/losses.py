@@ -65,13 +65,15 @@ def _(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compu
 
 
 @torch.library.custom_op("gist_fast::pair_loss_bwd", mutates_args=())
-def pair_loss_bwd(upstream: Tensor, grad_a: Tensor, grad_b: Tensor, n_valid: Tensor, reduction: str) -> Tuple[Tensor, Tensor]:
+def pair_loss_bwd(upstream: Tensor, grad_a: Tensor, grad_b: Tensor, n_valid: Tensor,
+                  reduction: str) -> Tuple[Tensor, Tensor]:
     """The gradients of pair_loss's inputs a and b: the per-row gradients times the upstream gradient of the
     loss (divided by n_valid for "mean")."""
     return _impl(grad_a)[1](upstream, grad_a, grad_b, n_valid, reduction)
 
 
-pair_loss_bwd.register_fake(lambda upstream, grad_a, grad_b, n_valid, reduction: (torch.empty_like(grad_a), torch.empty_like(grad_b)))
+pair_loss_bwd.register_fake(
+    lambda upstream, grad_a, grad_b, n_valid, reduction: (torch.empty_like(grad_a), torch.empty_like(grad_b)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -90,9 +92,11 @@ pair_loss.register_autograd(_backward, setup_context=_setup_context)
 def check_logits(a: Tensor, b: Tensor, target: Tensor, names: Tuple[str, str]) -> None:
     """Shapes and dtypes, with a clear message."""
     if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must both be (batch, classes), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"{names[0]} and {names[1]} must both be (batch, classes), "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if target.shape != a.shape[:1] or target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target must be integer class indices of shape ({a.shape[0]},), got {target.dtype} {tuple(target.shape)}")
+        raise ValueError(f"target must be integer class indices of shape ({a.shape[0]},), "
+                         f"got {target.dtype} {tuple(target.shape)}")
     if not a.is_floating_point() or a.dtype != b.dtype:
         raise ValueError(f"{names[0]} and {names[1]} must share one floating dtype, got {a.dtype} and {b.dtype}")
 
@@ -100,7 +104,8 @@ def check_logits(a: Tensor, b: Tensor, target: Tensor, names: Tuple[str, str]) -
 def check_labels(target: Tensor, classes: int, ignore_index: int) -> None:
     """Labels in [0, classes) or ignore_index; asynchronous on CUDA (the Triton kernel checks its own)."""
     in_range = ((target >= 0) & (target < classes)) | (target == ignore_index)
-    torch._assert_async(in_range.all(), f"target labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    torch._assert_async(in_range.all(),
+                        f"target labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
 
 
 def check_options(temperature: float, reduction: str) -> None:
@@ -132,7 +137,8 @@ def gist_loss(
     fused=False (or no backend for the device) runs gist_fast.reference after the same checks."""
     check_options(temperature, reduction)
     check_logits(logits, gist_logits, target, ("logits", "gist_logits"))
-    return _loss("gist", logits, gist_logits, target, gist_weight, kl_weight, temperature, ignore_index, reduction, fused,
+    return _loss("gist", logits, gist_logits, target,
+                 gist_weight, kl_weight, temperature, ignore_index, reduction, fused,
                  lambda: reference.gist_loss(logits, gist_logits, target, gist_weight, kl_weight, temperature,
                                              ignore_index, reduction))
 

@@ -142,7 +142,8 @@ def one_line(error: BaseException) -> str:
 def vtab(root: str, task: str, num_classes: Optional[int], size, split: Optional[str] = None):
     folder = os.path.join(root, task)
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: VTAB task folder not found (expected ROOT/<task>/ with {VTAB_TRAIN} and {VTAB_TEST})")
+        raise DataError(f"{folder}: VTAB task folder not found "
+                        f"(expected ROOT/<task>/ with {VTAB_TRAIN} and {VTAB_TEST})")
     if num_classes is None and task not in VTAB_CLASSES:
         raise DataError(f"task {task!r} is not a VTAB-1K task; give --num-classes")
     source = "--num-classes" if num_classes is not None else f"the VTAB-1K table for {task}"
@@ -197,7 +198,8 @@ def image_folder(root: str, num_classes: Optional[int], size, split: Optional[st
     train_dir = os.path.join(root, "train")
     split = next((d for d in ([split] if split else ["val", "test"]) if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or split is None:
-        raise DataError(f"{root}: expected a VTAB root with --task, or an ImageFolder tree with train/ and val/ (or test/)")
+        raise DataError(f"{root}: expected a VTAB root with --task, "
+                        "or an ImageFolder tree with train/ and val/ (or test/)")
     classes = sub_folders(train_dir)
     if not classes:
         raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/ folders of images")
@@ -210,7 +212,11 @@ def image_folder(root: str, num_classes: Optional[int], size, split: Optional[st
 def digits(size, train_images: int = 1000) -> Tuple[Dataset, Dataset, int]:
     """scikit-learn's 1,797 8x8 digits (shipped with it: no download), a fixed 1000 / 797 split."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the embedded digits need scikit-learn: pip install scikit-learn, or give --data") from None
 
     bunch = load_digits()
     pixels = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)

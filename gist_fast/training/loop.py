@@ -72,7 +72,7 @@ class Trainer:
         size = models.input_size(cfg.model, cfg.model_kwargs)
         self.train_set, self.test_set, self.num_classes = data.build(cfg.data, cfg.task, cfg.num_classes, size)
         if cfg.framework == "idat" and models.input_size(cfg.teacher, cfg.teacher_kwargs) != size:
-            raise ValueError(f"the teacher {cfg.teacher} {cfg.teacher_kwargs} must take the student's input size {size}")
+            raise ValueError(f"--teacher {cfg.teacher} {cfg.teacher_kwargs}: must take the student's input size {size}")
         torch.manual_seed(cfg.seed + world.rank)  # dropout / drop-path streams; data order is seeded apart
         patch_as = resume["student"]["gist_fast_config"] if resume else None
         self.models: List[nn.Module] = [models.student(cfg, self.num_classes, self.main and not resume, patch_as)]
@@ -104,7 +104,8 @@ class Trainer:
         micro = gist_fast.fit_micro_batch(self.student, self.local_batch, self.cfg.memory_budget, sample,
                                           autocast_dtype=AMP_DTYPES.get(self.amp))
         if self.main:
-            print(f"--memory-budget {self.cfg.memory_budget}: micro-batches of {micro} of {self.local_batch} images per process")
+            print(f"--memory-budget {self.cfg.memory_budget}: micro-batches of {micro} of {self.local_batch} images "
+                  "per process")
         return micro
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
@@ -297,8 +298,9 @@ class Trainer:
                     record["test_acc"] = last_acc
                     if last_acc > self.best_acc:
                         self.best_acc = last_acc
+                        best = gist_fast.trainable_state_dict(self.student)
                         self._save("best.pt", {"format": FORMAT, "config": asdict(cfg), "epoch": self.epoch + 1,
-                                               "acc": last_acc, "student": gist_fast.trainable_state_dict(self.student)})
+                                               "acc": last_acc, "student": best})
                 record["best_acc"] = self.best_acc
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self._log(record)
@@ -361,7 +363,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     earlier = checkpoint.earlier_run(cfg.output) if not resume else []
     if earlier and not overwrite:
         raise ValueError(f"--output {cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with "
-                         f"--resume {os.path.join(cfg.output, 'last.pt')}, choose another --output, or pass --overwrite")
+                         f"--resume {os.path.join(cfg.output, 'last.pt')}, choose another --output, "
+                         "or pass --overwrite")
     world = distributed.setup(cfg.device)
     trainer = Trainer(cfg, world, ckpt)  # checks the data before anything of the earlier run is removed
     if world.main:

@@ -37,7 +37,8 @@ def markdown(results: Dict[str, dict], summary: dict) -> str:
         for t in tasks:
             if t in results:
                 r = results[t]
-                lines.append(f"| {group} | {t} | {r['last_acc']:.2f} | {r['best_acc']:.2f} | {r['trainable']:,} | {r['epochs']} |")
+                lines.append(f"| {group} | {t} | {r['last_acc']:.2f} | {r['best_acc']:.2f} | {r['trainable']:,} "
+                             f"| {r['epochs']} |")
     for group in summary["last_acc"]["groups"]:
         lines.append(f"| {group} | *group mean* | {summary['last_acc']['groups'][group]:.2f} | "
                      f"{summary['best_acc']['groups'][group]:.2f} | | |")
@@ -118,5 +119,6 @@ def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: boo
     with open(os.path.join(base.output, "vtab.md"), "w") as f:
         f.write(table)
     with open(os.path.join(base.output, "vtab.json"), "w") as f:
-        json.dump({"config": {k: v for k, v in vars(base).items() if k != "task"}, "tasks": results, **summary}, f, indent=1)
+        config = {k: v for k, v in vars(base).items() if k != "task"}
+        json.dump({"config": config, "tasks": results, **summary}, f, indent=1)
     return {"results": results, "summary": summary, "table": table}
