@@ -141,6 +141,18 @@ def test_eval_reports_the_split_it_evaluated(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", str(tmp_path / "out" / "best.pt"), "--workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
+    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "out" / "best.pt"), "--split", "nope"]), "nope")
+
+
+def test_eval_on_the_embedded_digits_names_its_splits(tmp_path, capsys):
+    argv = ["train", "--output", str(tmp_path), "--epochs", "1", "--warmup-epochs", "0", *RUN]
+    assert cli.main(argv) == 0
+    for split, expected in ((None, "test"), ("test", "test"), ("train", "train")):
+        capsys.readouterr()
+        assert cli.main(["eval", str(tmp_path / "best.pt"), *(["--split", split] if split else [])]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == expected
+    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--split", "val200"]), "--split val200")
+    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--device", "banana"]), "--device")
 
 
 def test_random_backbone_warning_schedule_and_memory_option(root, tmp_path, capsys):

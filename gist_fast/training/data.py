@@ -65,8 +65,8 @@ class ImageList(Dataset):
 
 
 class InMemory(Dataset):
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor, split: str):
+        self.images, self.labels, self.split = images, labels, split
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -196,6 +196,8 @@ def image_folder(root: str, num_classes: Optional[int], size, split: Optional[st
     folder, nested folders and symlinks included, with an accepted extension (any case). Unlike
     torchvision, hidden files are skipped and an evaluation split may lack a class."""
     train_dir = os.path.join(root, "train")
+    if split and os.path.isdir(train_dir) and not os.path.isdir(os.path.join(root, split)):
+        raise DataError(f"--split {split}: {os.path.join(root, split)} not found")
     split = next((d for d in ([split] if split else ["val", "test"]) if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or split is None:
         raise DataError(f"{root}: expected a VTAB root with --task, "
@@ -224,7 +226,7 @@ def digits(size, train_images: int = 1000) -> Tuple[Dataset, Dataset, int]:
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train, test = order[:train_images], order[train_images:]
-    return InMemory(images[train], labels[train]), InMemory(images[test], labels[test]), 10
+    return InMemory(images[train], labels[train], "train"), InMemory(images[test], labels[test], "test"), 10
 
 
 def build(data: Optional[str], task: Optional[str], num_classes: Optional[int], size,
@@ -234,6 +236,8 @@ def build(data: Optional[str], task: Optional[str], num_classes: Optional[int], 
     if data is None:
         if num_classes not in (None, 10):
             raise DataError(f"the embedded digits have 10 classes, not --num-classes {num_classes}")
+        if split not in (None, "test"):
+            raise DataError(f"--split {split}: the embedded digits have the splits train and test")
         return digits(size)
     if task is not None:
         sets = vtab(data, task, num_classes, size, split)

@@ -378,7 +378,7 @@ def evaluate_checkpoint(path: str, split: Optional[str] = None, **overrides) -> 
     """Accuracy of a checkpoint's student on its evaluation set (or split: a VTAB list name such as
     'val200', an ImageFolder sub-folder, or 'train'); "split" in the result names what was evaluated."""
     ckpt = checkpoint.load(path)
-    cfg = TrainConfig(**{**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = resolve(TrainConfig(**{**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}}))
     world = distributed.setup(cfg.device)
     size = models.input_size(cfg.model, cfg.model_kwargs)
     other = None if split in (None, "train") else split
@@ -389,4 +389,4 @@ def evaluate_checkpoint(path: str, split: Optional[str] = None, **overrides) -> 
     loader = DataLoader(dataset, cfg.batch_size // world.size, num_workers=loader_workers(cfg),
                         sampler=distributed.EvalSampler(len(dataset), world))
     acc = evaluate(model.to(world.device), loader, world.device, cfg.amp or default_amp(world.device))
-    return {"checkpoint": path, "split": getattr(dataset, "split", split or "test"), "images": len(dataset), "acc": acc}
+    return {"checkpoint": path, "split": dataset.split, "images": len(dataset), "acc": acc}
