@@ -81,34 +81,40 @@ def read_list(list_file: str, num_classes: int, source: str) -> List[Sample]:
     if not os.path.isfile(list_file):
         raise DataError(f"{list_file}: list file not found")
     folder, samples = os.path.dirname(list_file), []
-    with open(list_file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{list_file}:{n}"
-            parts = line.strip().rsplit(maxsplit=1)  # the path may hold spaces, the label may not
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DataError(f"{where}: expected '<image path> <integer label>', got {line.strip()!r}")
-            label = int(parts[1])
-            if not 0 <= label < num_classes:
-                raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} "
-                                f"(num_classes={num_classes} from {source})")
-            path = os.path.join(folder, parts[0])
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: image not found: {path}")
-            samples.append(Sample(path, label, where))
+    try:
+        with open(list_file, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first path
+            text = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_file}: not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
+    for n, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        where = f"{list_file}:{n}"
+        parts = line.strip().rsplit(maxsplit=1)  # the path may hold spaces, the label may not
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{where}: expected '<image path> <integer label>', got {line.strip()!r}")
+        label = int(parts[1])
+        if not 0 <= label < num_classes:
+            raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} "
+                            f"(num_classes={num_classes} from {source})")
+        path = os.path.join(folder, parts[0])
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: image not found: {path}")
+        samples.append(Sample(path, label, where))
     if not samples:
         raise DataError(f"{list_file}: the list is empty")
     return samples
 
 
 def unreadable(path: str) -> Optional[str]:
-    """PIL's reason why path's header is bad, or None; verify() checks the structure without decoding."""
+    """PIL's reason why path cannot be decoded, or None. A full decode: a header check (verify()) passes
+    JPEG, GIF, BMP and TIFF files cut short, which then fail mid-training; JPEGs decode at 1/8 scale (draft)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.draft("RGB", (1, 1))  # a no-op for formats without DCT scaling
+            image.load()
     except Exception as e:  # PIL raises several types for truncated or foreign files
         return str(e) or type(e).__name__
     return None
@@ -160,13 +166,25 @@ def is_image(name: str) -> bool:
 
 def find_images(folder: str) -> List[str]:
     """Images anywhere under folder, following symlinks, in torchvision's ImageFolder order (sorted
-    walk, then sorted names): the same samples, and labels, as a torchvision run on the same tree."""
-    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
-            for f in sorted(files) if is_image(f)]
+    walk, then sorted names): the same samples, and labels, as a torchvision run on the same tree. A
+    folder reached twice (a symlink loop, or a link back up) is an error, not a source of copies."""
+    seen, images = set(), []
+    for d, subs, files in sorted(os.walk(folder, followlinks=True)):
+        real = os.path.realpath(d)
+        if real in seen or any(os.path.realpath(os.path.join(d, s)) in seen | {real} for s in subs):
+            raise DataError(f"{d}: a symlinked folder is reached twice (a loop?); each image must be found once")
+        seen.add(real)
+        images += [os.path.join(d, f) for f in sorted(files) if is_image(f)]
+    return images
 
 
 def sub_folders(folder: str) -> List[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir())  # hidden ones too, as torchvision
+    """The class folders. torchvision would make a hidden one (.ipynb_checkpoints) a class: refused instead."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    hidden = [n for n in names if n.startswith(".")]
+    if hidden:
+        raise DataError(f"{folder}: hidden folder(s) {hidden} would be classes; remove or rename them")
+    return names
 
 
 def scan(root: str, split: str, classes: List[str], size) -> ImageList:
@@ -203,8 +221,9 @@ def image_folder(root: str, num_classes: Optional[int], size, split: Optional[st
         raise DataError(f"{root}: expected a VTAB root with --task, "
                         "or an ImageFolder tree with train/ and val/ (or test/)")
     classes = sub_folders(train_dir)
-    if not classes:
-        raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/ folders of images")
+    if len(classes) < 2:
+        raise DataError(f"{train_dir}: {len(classes)} class folder(s) {classes}; expected {train_dir}/<class>/ "
+                        "folders of images, at least two")
     train = scan(root, "train", classes, size)  # before the count, so a stray folder is named
     if num_classes is not None and num_classes != len(classes):
         raise DataError(f"{train_dir}: {len(classes)} class folders but --num-classes {num_classes}")
