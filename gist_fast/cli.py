@@ -54,14 +54,16 @@ def _size(text: str) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from gist_fast.patch import PEFT_KINDS
+    from gist_fast.peft import DEFAULT_SCALE
+
+    ADAPTER_KINDS = tuple(DEFAULT_SCALE)  # the kinds with an adapter: what --peft can swap
     from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES, MEMORY_MODES
 
     m = p.add_argument_group("method")
     m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
                    "the same without the token; idat: a teacher trained jointly; two-stage: LayerNorms, then Taylor-"
                    "selected channels; linear: head only")
-    m.add_argument("--peft", choices=PEFT_KINDS,
+    m.add_argument("--peft", choices=ADAPTER_KINDS,
                    help="override the adapter kind of gist/adapter/idat (e.g. adaptformer)")
     m.add_argument("--rank", type=int, help="adapter bottleneck (4)")
     m.add_argument("--distill-kind", choices=("kl", "mse"), help="iDAT distillation term (kl, T = 5)")
@@ -84,7 +86,8 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
     if not sweep:  # the sweep names its tasks with --tasks
         d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
-    d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
+    if not sweep:  # each VTAB task has its own
+        d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
 
     r = p.add_argument_group("recipe (defaults: the authors', METHODS §4)")
     r.add_argument("--epochs", type=int, help="cosine epochs (100; 8 on digits)")
@@ -195,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except loop.Stopped as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code
-    except (data.DataError, FileNotFoundError, ValueError) as e:  # the user's input: one line, no traceback
+    except (data.DataError, OSError, ValueError) as e:  # the user's input or files: one line, no traceback
         print(f"gist-fast {command}: error: {data.one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training started (the loop itself saves and stops on a signal)

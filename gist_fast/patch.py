@@ -55,6 +55,8 @@ def check_model(model: nn.Module) -> None:
     vit, block = _vit_classes()
     if not isinstance(model, vit) or getattr(model, "dist_token", None) is not None:
         raise TypeError(f"gist_fast.patch supports {SUPPORTED}; got {type(model).__name__}")
+    if len(model.blocks) == 0:
+        raise TypeError("gist_fast.patch needs a ViT with at least one block (depth >= 1)")
     odd = {type(b).__name__ for b in model.blocks if type(b) is not block}
     if odd:
         raise TypeError(f"gist_fast.patch supports {SUPPORTED}; this model has blocks of type {sorted(odd)}")

@@ -2,6 +2,7 @@
 earlier run is never overwritten or silently reused, resumed runs and sweeps continue where they stopped."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from gist_fast import cli
-from train_helpers import TINY, make_task, tiny, train
+from train_helpers import TINY, make_task, tiny, train, trained_tensors
 
 SHORT = ["--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8"]
 RUN = ["--fused", "off", "--workers", "0", "--no-progress"]  # TINY without its model
@@ -49,7 +50,12 @@ def _one_line_error(capsys, code, *expected):
     ([*TINY, "--device", "banana"], ["--device 'banana'", "cpu, cuda or cuda:N"]),
     ([*TINY, "--device", "cuda:99"], ["--device cuda:99"]),
     ([*TINY, "--pretrained", "--pretrained-file", "x.pth"], ["--pretrained and --pretrained-file"]),
-    ([*TINY, "--num-classes", "2"], ["label 2 is outside 0..1", "--num-classes"]),
+    ([*TINY, "--num-classes", "10"], ["--num-classes 10", "kitti has 4"]),
+    ([*TINY, "--lr", "inf"], ["--lr inf"]),
+    ([*TINY, "--lr", "0.001", "--min-lr", "0.01"], ["--min-lr 0.01", "must not exceed --lr 0.001"]),
+    ([*TINY, "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=0,num_heads=3"], ["at least one block"]),
+    ([*TINY, "--model-kwargs", "img_size=32,num_classes=7"], ["num_classes: set by --num-classes"]),
+    ([*TINY, "--peft", "channels"], ["--peft", "invalid choice"]),
 ])
 def test_each_mistake_is_one_line_and_writes_nothing(root, tmp_path, capsys, argv, expected):
     code = cli.main(["train", "--data", str(root), "--task", "kitti", "--output", str(tmp_path / "out"), *SHORT, *argv])
@@ -66,15 +72,34 @@ def test_missing_data_folder_and_unknown_sweep_task(root, tmp_path, capsys):
     assert not (tmp_path / "v").exists()
 
 
+def test_output_that_is_a_file_and_an_empty_sweep(root, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(capsys, cli.main(["train", "--output", str(tmp_path / "afile"), *SHORT, *TINY]), "afile")
+    code = cli.main(["vtab", "--data", str(root), "--tasks", ",", "--output", str(tmp_path / "v"), *TINY])
+    _one_line_error(capsys, code, "--tasks: the list is empty")
+
+
+def test_a_diverging_run_is_an_error_not_a_result(root, tmp_path, capsys):
+    assert train(root, tmp_path / "a", "--framework", "linear", "--lr", "1e30") == 2
+    assert re.search(r"training diverged in epoch \d: the train loss is \S+, the weights (not )?finite",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "a" / "result.json").exists()  # no result; a last.pt only of finite epochs
+    last = tmp_path / "a" / "last.pt"
+    assert not last.exists() or all(t.isfinite().all() for t in trained_tensors(last).values())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.jsonl").write_text('{"event": "start"}\n')  # a run killed before it saved
+    assert train(root, tmp_path / "b", "--framework", "linear") == 0  # a log alone is nothing to keep
+
+
 def test_resume_and_eval_refuse_foreign_files(root, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     code = cli.main(["train", "--resume", str(tmp_path / "notes.txt")])
     _one_line_error(capsys, code, "not a gist-fast train checkpoint")
     _one_line_error(capsys, cli.main(["eval", str(tmp_path / "notes.txt")]), "not a gist-fast train checkpoint")
-    assert train(root, tmp_path / "run", "--stop-after-steps", "1") == 0  # a first epoch: best.pt exists
+    assert train(root, tmp_path / "run") == 0
     capsys.readouterr()
-    torch.save({"student": {}, "config": {}}, tmp_path / "best.pt")  # a best-accuracy checkpoint: no optimizer state
-    _one_line_error(capsys, cli.main(["train", "--resume", str(tmp_path / "best.pt")]), "cannot be resumed", "last.pt")
+    best = str(tmp_path / "run" / "best.pt")  # a best-accuracy checkpoint: no optimizer state
+    _one_line_error(capsys, cli.main(["train", "--resume", best]), "cannot be resumed", "last.pt")
 
 
 def test_a_used_output_is_refused_unless_overwrite(root, tmp_path, capsys):
@@ -87,6 +112,11 @@ def test_a_used_output_is_refused_unless_overwrite(root, tmp_path, capsys):
     assert train(root, out, "--framework", "adapter", "--overwrite", "--stop-after-steps", "1") == 0
     assert not (out / "best.pt").exists() and not (out / "result.json").exists()  # nothing of the old run is kept
     assert torch.load(out / "last.pt", weights_only=False)["config"]["framework"] == "adapter"
+    other = tmp_path / "other"
+    assert train(root, other, "--framework", "linear") == 0
+    capsys.readouterr()
+    code = cli.main(["train", "--resume", str(out / "last.pt"), "--output", str(other)])  # not over another run
+    _one_line_error(capsys, code, "holds an earlier run")
 
 
 def test_resume_writes_where_the_checkpoint_is_with_relative_data(root, tmp_path, monkeypatch):

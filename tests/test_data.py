@@ -139,7 +139,8 @@ def test_each_set_names_its_split(tmp_path):
     train, test, _ = data.build(str(tmp_path / "vtab"), "kitti", None, SIZE)
     assert (train.split, test.split) == ("train800val200", "test")
     assert data.build(str(tmp_path / "vtab"), "kitti", None, SIZE, "val200")[1].split == "val200"
-    root = tree(tmp_path / "folder", {"train/a": ["0.png"], "train/b": ["0.png"], "test/a": ["1.png"], "holdout/a": ["2.png"]})
+    layout = {"train/a": ["0.png"], "train/b": ["0.png"], "test/a": ["1.png"], "holdout/a": ["2.png"]}
+    root = tree(tmp_path / "folder", layout)
     train, test, _ = data.build(root, None, None, SIZE)
     assert (train.split, test.split) == ("train", "test")
     assert data.build(root, None, None, SIZE, "holdout")[1].split == "holdout"

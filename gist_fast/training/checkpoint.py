@@ -7,18 +7,23 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "result.json")  # what a run writes into its --output
+from gist_fast.training.recipe import TrainConfig
+
+TRAIN_CONFIG_FIELDS = set(TrainConfig.__dataclass_fields__)
+
+RUN_FILES = ("last.pt", "best.pt", "result.json")  # what a run trained; its log.jsonl alone holds nothing to keep
 
 
 def earlier_run(folder: str) -> List[str]:
-    """The files of an earlier run in folder (none: a fresh folder)."""
+    """The files of an earlier run in folder (none: a fresh folder, or one whose run stopped before saving)."""
     return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
 
 
 def clear_run(folder: str) -> None:
     """Remove an earlier run's files (--overwrite), so that none of them (best.pt) outlives it."""
-    for f in earlier_run(folder):
-        os.unlink(os.path.join(folder, f))
+    for path in (os.path.join(folder, f) for f in RUN_FILES + ("log.jsonl",)):
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -55,8 +60,11 @@ def load(path: str, resumable: bool = False) -> Dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle, zip and torch each raise their own types for a foreign file
         raise ValueError(f"{path}: not a gist-fast train checkpoint (cannot be read: {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "student" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a gist-fast train checkpoint (expected the keys 'student' and 'config')")
+    student, config = (ckpt.get("student"), ckpt.get("config")) if isinstance(ckpt, dict) else (None, None)
+    if not (isinstance(student, dict) and {"gist_fast_config", "state_dict"} <= student.keys()
+            and isinstance(config, dict) and config.keys() <= TRAIN_CONFIG_FIELDS):
+        raise ValueError(f"{path}: not a gist-fast train checkpoint (expected 'student' with a patch configuration "
+                         "and 'config' with train options)")
     if resumable and "optimizers" not in ckpt:
         raise ValueError(f"{path}: a best-accuracy checkpoint (for gist-fast eval) cannot be resumed; resume from "
                          f"{os.path.join(os.path.dirname(path) or '.', 'last.pt')}")

@@ -1,6 +1,7 @@
 """One training run: epochs of the recipe, evaluation every epoch, JSON-lines log, atomic resumable
 checkpoints (also written on SIGINT/SIGTERM, mid-epoch), iDAT's teacher, the two-stage switch."""
 import json
+import math
 import os
 import signal
 import sys
@@ -262,6 +263,9 @@ class Trainer:
         return {"train_loss": sums[0].item() / sums[2].item(), "train_acc": 100 * sums[1].item() / sums[2].item(),
                 "images_per_s": seen / (time.perf_counter() - start)}
 
+    def _finite(self) -> bool:
+        return all(bool(p.isfinite().all()) for m in self.models for p in m.parameters() if p.requires_grad)
+
     def _stop(self) -> None:
         """Save a resumable checkpoint and leave through Stopped."""
         self._save("last.pt", self._state())
@@ -291,6 +295,11 @@ class Trainer:
                 stats = self._train_epoch()
                 if not stats:
                     self._stop()
+                finite = self._finite()
+                if not (math.isfinite(stats["train_loss"]) and finite):  # unsaved: last.pt keeps the epoch before
+                    raise ValueError(f"training diverged in epoch {self.epoch + 1}: the train loss is "
+                                     f"{stats['train_loss']:.4g}, the weights {'' if finite else 'not '}finite; "
+                                     f"lower --lr (this run's {cfg.lr:g})")
                 record = {"epoch": self.epoch + 1, "lr": self.optimizers[0].param_groups[0]["lr"], **stats}
                 final = self.epoch + 1 == cfg.total_epochs
                 if final or (self.epoch + 1) % cfg.eval_every == 0:
@@ -334,6 +343,9 @@ class _stop_on_signals:
         if self.trainer.stop_signal is not None:
             raise KeyboardInterrupt
         self.trainer.stop_signal = signum
+        if self.trainer.main:
+            print(f"\n{signal.Signals(signum).name}: saving last.pt after this step (again: stop without saving; "
+                  "the last saved last.pt stays)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -360,7 +372,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     ckpt = checkpoint.load(resume, resumable=True) if resume else None
     cfg = resolve(cfg)
     models.check(cfg)
-    earlier = checkpoint.earlier_run(cfg.output) if not resume else []
+    continues = resume and os.path.abspath(cfg.output) == os.path.dirname(os.path.abspath(resume))
+    earlier = [] if continues else checkpoint.earlier_run(cfg.output)  # a resumed run may not write over another
     if earlier and not overwrite:
         raise ValueError(f"--output {cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with "
                          f"--resume {os.path.join(cfg.output, 'last.pt')}, choose another --output, "

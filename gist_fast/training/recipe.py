@@ -1,5 +1,6 @@
 """The authors' training recipe (METHODS §4) as defaults, the per-task VTAB-1K table, and the
 small-model defaults of the embedded digits run."""
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -132,8 +133,17 @@ _RANGES = {**{k: (lambda v, low=low: v >= low, f">= {low}") for k, low in _AT_LE
 def _check_values(cfg: TrainConfig) -> None:
     for name, (ok, accepted) in _RANGES.items():
         value = getattr(cfg, name)
-        if value is not None and not ok(value):
+        if value is not None and not (math.isfinite(value) and ok(value)):
             raise ValueError(f"{option(name)} {value}: must be {accepted}")
+    if cfg.min_lr > cfg.lr or cfg.warmup_lr > cfg.lr:
+        raise ValueError(f"--min-lr {cfg.min_lr:g} and --warmup-lr {cfg.warmup_lr:g} must not exceed --lr {cfg.lr:g}")
+    given = cfg.model_kwargs.keys() | cfg.teacher_kwargs.keys()
+    reserved = sorted({"num_classes", "drop_path_rate", "pretrained"} & given)
+    if reserved:
+        raise ValueError(f"--model-kwargs / --teacher-kwargs {', '.join(reserved)}: set by --num-classes, --drop-path "
+                         "and --pretrained instead")
+    if cfg.task in VTAB_CLASSES and cfg.num_classes not in (None, VTAB_CLASSES[cfg.task]):
+        raise ValueError(f"--num-classes {cfg.num_classes}: the VTAB-1K task {cfg.task} has {VTAB_CLASSES[cfg.task]}")
     for name, choices in (("amp", AMP_MODES), ("fused", FUSED_MODES), ("memory", MEMORY_MODES)):
         if getattr(cfg, name) not in choices + ((None,) if name == "amp" else ()):
             raise ValueError(f"{option(name)} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")

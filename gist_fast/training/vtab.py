@@ -3,7 +3,8 @@ and the mean of the three group means (METHODS §5; the two differ by a few poin
 
 A sweep is resumable: run the same command again and each task folder is taken as it is left — a task
 finished with the same configuration is read back, one interrupted with it continues from its last.pt,
-and a folder holding a run with other settings stops the sweep before anything trains (unless --overwrite)."""
+and a folder holding a run with other settings stops the sweep before anything trains (--overwrite retrains
+those, and only those)."""
 import json
 import os
 from dataclasses import asdict, replace
@@ -75,14 +76,14 @@ def _plan(cfg: TrainConfig, overwrite: bool) -> str:
     files = checkpoint.earlier_run(cfg.output)
     if not files:
         return "train"
-    if overwrite:
-        return "overwrite"
     result, last = _recorded(cfg.output)
     wanted = _settings(asdict(cfg))
     if result is not None and _settings(result.get("config", {})) == wanted:
         return "done"
     if result is None and last is not None and _settings(last) == wanted:
         return "resume"
+    if overwrite:  # only what was trained with other settings
+        return "overwrite"
     recorded = (result or {}).get("config") or last
     why = "not recorded" if recorded is None else ", ".join(
         sorted(option(k) for k in wanted if _settings(recorded).get(k) != wanted[k])) + " differ"
@@ -93,6 +94,8 @@ def _plan(cfg: TrainConfig, overwrite: bool) -> str:
 def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
     """Train base on every task (or the given ones) into base.output/<task>/, then write
     base.output/vtab.md and vtab.json. Every task folder is checked before the first task trains."""
+    if tasks is not None and not tasks:
+        raise ValueError("--tasks: the list is empty; name tasks separated by commas, or leave --tasks out for all 19")
     tasks: List[str] = list(tasks or VTAB_TASKS)
     unknown = [t for t in tasks if t not in VTAB_TASKS]
     if unknown:
