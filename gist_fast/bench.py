@@ -80,6 +80,26 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def select_impls(impls: Optional[str], memory: Optional[str]) -> List[str]:
+    """--impls (default all), less the gist_fast implementations whose patch memory mode --memory leaves out."""
+    requested = impls.split(",") if impls else list(IMPLS)
+    unknown = set(requested) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"--impls {','.join(sorted(unknown))}: choose from {','.join(IMPLS)}")
+    modes = memory.split(",") if memory else list(MEMORY_MODES)
+    if set(modes) - set(MEMORY_MODES):
+        raise ValueError(f"--memory {memory}: choose from {','.join(MEMORY_MODES)}")
+    return [i for i in IMPLS if i in requested and (i not in MEMORY or (MEMORY[i] or "none") in modes)]
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """--device, checked: cpu, or cuda where there is one (default: cuda when available)."""
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda") or (name.startswith("cuda") and not torch.cuda.is_available()):
+        raise ValueError(f"--device {name}: expected cpu, or cuda on a machine with a GPU")
+    return torch.device(name)
+
+
 def _full_name(name: str) -> str:
     return name if "patch" in name else f"{name}_patch16_224"
 
@@ -319,20 +339,16 @@ def run(args: argparse.Namespace, on_result=None) -> Dict:
 
     import gist_fast
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     cuda = device.type == "cuda"
     models = [_full_name(m) for m in (args.models.split(",") if args.models else (MODELS if cuda else MODELS[:1]))]
-    requested = args.impls.split(",") if args.impls else list(IMPLS)
-    unknown = set(requested) - set(IMPLS)
+    unknown = [m for m in models if not timm.is_model(m)]
     if unknown:
-        raise ValueError(f"--impls {','.join(sorted(unknown))}: choose from {','.join(IMPLS)}")
-    impls = [impl for impl in IMPLS if impl in requested]
-    if args.memory:
-        modes = args.memory.split(",")
-        if set(modes) - set(MEMORY_MODES):
-            raise ValueError(f"--memory {args.memory}: choose from {','.join(MEMORY_MODES)}")
-        impls = [i for i in impls if i not in MEMORY or ("none" if MEMORY[i] is None else MEMORY[i]) in modes]
+        raise ValueError(f"--models {','.join(unknown)}: not timm models (short names: vit_tiny, vit_small, vit_base)")
+    impls = select_impls(args.impls, args.memory)
     batches = [int(b) for b in (args.batches.split(",") if args.batches else ((32, 64, 128, 256) if cuda else (8, 32)))]
+    if min(batches) < 1 or args.img_size < 16 or args.num_classes < 2 or (args.steps or 1) < 1:
+        raise ValueError("--batches >= 1, --img-size >= 16, --num-classes >= 2 and --steps >= 1 are needed")
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     amp_dtype = torch.bfloat16 if dtype == "bf16" else None
     steps = args.steps or (20 if cuda else 3)
@@ -512,11 +528,10 @@ def write(result: Dict, out: str, with_plots: bool = True) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.out or os.path.join("benchmarks", "results", device_slug(device))
     try:
+        out = args.out or os.path.join("benchmarks", "results", device_slug(_device(args)))
         result = run(args, on_result=lambda partial: write(partial, out, with_plots=False))
-    except ValueError as e:  # a bad option: one line, as gist-fast train does
+    except (ValueError, OSError) as e:  # a bad option or --out: one line, as gist-fast train does
         print(f"gist-fast bench: error: {e}", file=sys.stderr)
         return 2
     written = write(result, out, with_plots=not args.no_plots)

@@ -137,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated task list (all 19)")
     e = sub.add_parser("eval", help="accuracy of a checkpoint (best.pt or last.pt) on a split")
     e.add_argument("checkpoint")
-    e.add_argument("--split", help="test (default), train, a VTAB list name (val200) or an ImageFolder sub-folder")
+    e.add_argument("--split", help="what to evaluate: the run's own evaluation set (default: VTAB test.txt, an "
+                   "ImageFolder's val/ else test/), train, a VTAB list name (val200) or an ImageFolder sub-folder")
     for name in ("--data", "--task", "--device"):
         e.add_argument(name, help="override the checkpoint's")
     e.add_argument("--workers", type=int)

@@ -48,3 +48,16 @@ def test_default_patch_impl_and_git_sha_from_the_environment(monkeypatch):
     assert bench.MEMORY["gist_fast_auto"] == inspect.signature(gist_fast.patch).parameters["memory"].default
     monkeypatch.setenv("GIT_SHA", "abc1234")
     assert bench.environment(torch.device("cpu"))["git_sha"] == "abc1234"
+
+
+def test_bad_options_are_one_line_and_memory_selects_impls(tmp_path, capsys):
+    for argv, expected in ((["--models", "resnet18"], "--models resnet18"), (["--batches", "0"], "--batches >= 1"),
+                           (["--device", "gpu"], "--device gpu"), (["--memory", "some"], "--memory some"),
+                           (["--impls", "fast"], "--impls fast")):
+        assert bench.main([*argv, "--no-plots", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+    assert bench.select_impls(None, "lean,none") == ["eager", "checkpoint", "gist_fast", "gist_fast_ops",
+                                                     "eager_compile", "gist_fast_compile"]
+    assert bench.select_impls("eager,gist_fast_min,gist_fast_auto", "min") == ["eager", "gist_fast_min"]
+    assert bench.select_impls(None, None) == list(bench.IMPLS)

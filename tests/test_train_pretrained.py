@@ -33,3 +33,14 @@ def test_a_file_for_another_model_is_refused(tmp_path):
     torch.save({"something.else": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="other.pth"):
         models.backbone("vit_tiny_patch16_224", KW, num_classes=7, drop_path=0.0, seed=0, pretrained_file=path)
+
+
+@pytest.mark.parametrize("change, expected", [(dict(depth=3), "has tensors the model does not: \\['blocks.2"),
+                                              (dict(embed_dim=96), "size mismatch for")])
+def test_a_deeper_or_wider_file_is_refused_in_one_line(tmp_path, change, expected):
+    """A file with extra blocks used to load partially (timm only logs its unexpected keys)."""
+    path = str(tmp_path / "other.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=1000, **{**KW, **change}).state_dict(), path)
+    with pytest.raises(ValueError, match=expected) as e:
+        models.backbone("vit_tiny_patch16_224", KW, num_classes=7, drop_path=0.0, seed=0, pretrained_file=path)
+    assert "\n" not in str(e.value)

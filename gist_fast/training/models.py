@@ -15,17 +15,21 @@ FRAMEWORK_PEFT = {"gist": ("adapter", True), "adapter": ("adapter", False), "ida
                   "two-stage": ("ln", False), "linear": ("linear", False)}
 
 
-class _MissingKeys(logging.Handler):
-    """timm's loader only logs the keys a pretrained file lacked; collect them to fail loudly."""
+class _LoadReport(logging.Handler):
+    """timm's loader only logs the keys a pretrained file lacked (info) or had in excess (warning);
+    collect both to fail loudly instead of training on half-loaded weights."""
 
     def __init__(self):
         super().__init__(logging.INFO)
-        self.keys: List[str] = []
+        self.missing: List[str] = []
+        self.unexpected: List[str] = []
 
     def emit(self, record):
-        text = record.getMessage()  # "Missing keys (a, b) discovered while loading ..."
-        if text.startswith("Missing keys (") and ") discovered" in text:
-            self.keys += text[len("Missing keys ("):text.index(") discovered")].split(", ")
+        text = record.getMessage()  # "Missing keys (a, b) discovered while ...", "Unexpected keys (c) found ..."
+        for prefix, end, keys in (("Missing keys (", ") discovered", self.missing),
+                                  ("Unexpected keys (", ") found", self.unexpected)):
+            if text.startswith(prefix) and end in text:
+                keys += text[len(prefix):text.index(end)].split(", ")
 
 
 def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: int,
@@ -42,7 +46,7 @@ def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: 
         # file's head: the fine-tuning head is always new
         extra["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_file),
                                                custom_load=pretrained_file.endswith(".npz"), num_classes=-1)
-    logger, catcher = logging.getLogger("timm.models._builder"), _MissingKeys()
+    logger, catcher = logging.getLogger("timm.models._builder"), _LoadReport()
     level = logger.level
     logger.addHandler(catcher)
     logger.setLevel(logging.INFO)
@@ -51,15 +55,20 @@ def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: 
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=pretrained or bool(pretrained_file), **extra)
     except Exception as e:
-        if pretrained_file:
-            raise ValueError(f"{pretrained_file}: cannot load as pretrained weights for {name}: {e}") from e
+        if pretrained_file:  # torch lists every mismatching tensor: the first says enough
+            first = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            if "size mismatch" in str(e):
+                first = [next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)]
+            raise ValueError(f"{pretrained_file}: cannot load as pretrained weights for {name} {kwargs or ''}: "
+                             f"{first[0]}") from None
         raise
     finally:
         logger.removeHandler(catcher)
         logger.setLevel(level)
-    missing = [k for k in catcher.keys if not k.startswith("head.")]
-    if pretrained_file and missing:
-        raise ValueError(f"{pretrained_file}: does not fit {name} {kwargs or ''}: it lacks {missing[:5]}")
+    missing = [k for k in catcher.missing if not k.startswith("head.")]
+    if pretrained_file and (missing or catcher.unexpected):
+        what = f"it lacks {missing[:5]}" if missing else f"it has tensors the model does not: {catcher.unexpected[:5]}"
+        raise ValueError(f"{pretrained_file}: does not fit {name} {kwargs or ''}: {what}")
     return model
 
 
