@@ -54,9 +54,9 @@ def _size(text: str) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from gist_fast.peft import DEFAULT_SCALE
+    from gist_fast.peft import KINDS
 
-    ADAPTER_KINDS = tuple(DEFAULT_SCALE)  # the kinds with an adapter: what --peft can swap
+    ADAPTER_KINDS = tuple(k for k, kind in KINDS.items() if kind.is_adapter)  # what --peft can swap
     from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES, MEMORY_MODES
 
     m = p.add_argument_group("method")

@@ -269,9 +269,8 @@ def lean_forward(block: nn.Module, x: Tensor, fallback, gist: bool, mode: str, a
 def block_forward(self, x: Tensor, *, peft: str, mode: str, **attn_kwargs) -> Tensor:
     """The forward patch() binds to a block (functools.partial: a patched model stays picklable): the lean
     path for "adapter" (GIST) and "adaptformer", with the eager forward of gist_fast.peft as the fallback."""
-    from gist_fast.peft import BLOCK_FORWARDS
+    from gist_fast.peft import KINDS
 
-    return lean_forward(self, x, BLOCK_FORWARDS[peft], peft == "adapter", mode, attn_kwargs)
+    return lean_forward(self, x, KINDS[peft].forward, peft == "adapter", mode, attn_kwargs)
 
 
-LEAN_PEFTS = ("adapter", "adaptformer")

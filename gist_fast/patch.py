@@ -7,10 +7,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from gist_fast.lean_block import LEAN_PEFTS, MEMORY_MODES, block_forward
-from gist_fast.peft import BLOCK_FORWARDS, DEFAULT_SCALE, Adapter, ChannelLinear
+from gist_fast.lean_block import MEMORY_MODES, block_forward
+from gist_fast.peft import KINDS
 
-PEFT_KINDS = ("adapter", "seq-adapter", "adaptformer", "ln", "channels", "linear")
+PEFT_KINDS = tuple(KINDS)
 SUPPORTED = "timm VisionTransformer models with plain pre-norm Blocks (vit_*, deit_* without a distillation token)"
 
 
@@ -31,6 +31,21 @@ class PatchConfig:
     channels: Optional[List[List[int]]] = None
     gist_index: int = 1
     memory: Optional[str] = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "PatchConfig":
+        unknown = sorted(saved.keys() - cls.__dataclass_fields__.keys())
+        if unknown:
+            raise ValueError(f"not a gist_fast patch configuration: unknown keys {unknown}")
+        return cls(**saved)
+
+    def patch_kwargs(self) -> dict:
+        """The patch() arguments that rebuild this configuration on a fresh model."""
+        return dict(peft=self.peft, gist=self.gist, rank=self.rank, scale=self.scale, fused=self.fused,
+                    channels=self.channels, memory=self.memory)
 
 
 @dataclass
@@ -97,16 +112,14 @@ def _gist_forward(self, x: Tensor, *args, **kwargs):
 
 
 def _trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
-    cfg = model.gist_fast_config
+    cfg, kind = model.gist_fast_config, KINDS[model.gist_fast_config.peft]
     groups = {"head": list(model.get_classifier().parameters())}
     if cfg.gist:
         groups["gist"] = [model.gist_token]
-    if cfg.peft in ("adapter", "seq-adapter", "adaptformer"):
-        groups["adapters"] = [p for b in model.blocks for p in b.adapter.parameters()]
-    if cfg.peft in ("ln", "channels"):
+    if kind.trains_norms:
         groups["layernorms"] = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
-    if cfg.peft == "channels":
-        groups["channels"] = [p for b in model.blocks for p in b.channel_linear.parameters()]
+    if kind.module:
+        groups[kind.group] = [p for b in model.blocks for p in getattr(b, kind.module).parameters()]
     return groups
 
 
@@ -142,59 +155,85 @@ def patch(
     "min" the block input only (more recomputation), None the eager block; "auto" is "lean" on CUDA
     and None on CPU (where compute, not memory, limits a step and recomputation only costs time).
     """
+    config = _configure(model, peft, gist, rank, scale, fused, channels, memory)
+    like = _like(model)
+    _freeze(model)
+    model.gist_fast_config = config
+    paths = _insert_and_bind(model, KINDS[peft], config, like)
+    if gist:
+        _add_gist_token(model, like)
+    for params in _trainable_groups(model).values():
+        for p in params:
+            p.requires_grad_(True)
+    if verbose:
+        adapter = f" rank={rank} scale={config.scale}" if KINDS[peft].is_adapter else ""
+        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused} blocks={paths} | "
+              f"{parameter_summary(model)}")
+    return model
+
+
+def _configure(model, peft, gist, rank, scale, fused, channels, memory) -> PatchConfig:
+    """Check every argument against the model; the configuration patch() applies."""
     check_model(model)
-    if peft not in PEFT_KINDS:
+    if peft not in KINDS:
         raise ValueError(f"unknown peft {peft!r}; choose one of {PEFT_KINDS}")
+    kind = KINDS[peft]
     if fused not in ("auto", True, False):
         raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
     if not 1 <= rank <= 1024:
         raise ValueError(f"rank must be in [1, 1024], got {rank}")
+    if gist and not kind.takes_gist:
+        raise ValueError(f"peft={peft!r} cannot carry the Gist token (gist=False)")
     if gist and getattr(model, "attn_pool", None) is not None:
         raise ValueError("gist=True needs token or average pooling; "
                          "this model pools with attention (global_pool='map')")
     if memory not in MEMORY_MODES + ("auto", None):
         raise ValueError(f"memory must be one of {MEMORY_MODES + ('auto',)} or None, got {memory!r}")
-    dim, depth = model.embed_dim, len(model.blocks)
-    config = PatchConfig(
-        peft=peft, gist=gist, rank=rank, scale=float(DEFAULT_SCALE.get(peft, 0.0) if scale is None else scale),
+    return PatchConfig(
+        peft=peft, gist=gist, rank=rank, scale=float((kind.scale or 0.0) if scale is None else scale),
         fused=fused is not False, gist_index=model.num_prefix_tokens,
-        channels=_normalize_channels(channels, depth, dim) if peft == "channels" else None,
-        memory=memory if fused is not False and peft in LEAN_PEFTS else None,
+        channels=_normalize_channels(channels, len(model.blocks), model.embed_dim) if peft == "channels" else None,
+        memory=memory if fused is not False and kind.lean else None,
     )
-    anchor = next(model.blocks.parameters())  # new modules follow the backbone's device and dtype
-    like = {"device": anchor.device, "dtype": anchor.dtype}
+
+
+def _like(model: nn.Module) -> dict:
+    """New modules follow the backbone's device and dtype."""
+    anchor = next(model.blocks.parameters())
+    return {"device": anchor.device, "dtype": anchor.dtype}
+
+
+def _freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    model.gist_fast_config = config
+
+
+def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) -> str:
+    """Each block's PEFT module and forward, chosen here once: the lean block where the configuration asks for
+    it, the kind's eager forward otherwise (timm's own for kinds without one). Returns the path taken."""
     for i, block in enumerate(model.blocks):
-        if peft in DEFAULT_SCALE:
-            block.adapter = Adapter(dim, rank, config.scale, config.fused).to(**like)
-        elif peft == "channels":
-            block.channel_linear = ChannelLinear(dim, config.channels[i]).to(**like)
+        if kind.make is not None:
+            setattr(block, kind.module, kind.make(config, model.embed_dim, i).to(**like))
         if config.memory is not None:
-            block.forward = functools.partial(block_forward, block, peft=peft, mode=config.memory)
-        elif peft in BLOCK_FORWARDS:
-            block.forward = functools.partial(BLOCK_FORWARDS[peft], block)
-    if gist:
-        model.gist_token = nn.Parameter(torch.empty(1, 1, dim).uniform_(-0.5, 0.5).to(**like))
-        model.gist_drop = nn.Dropout(0.1)
-        model.num_prefix_tokens += 1  # timm's pooling then skips the gist token as it skips CLS
-        if hasattr(model.patch_drop, "num_prefix_tokens"):
-            model.patch_drop.num_prefix_tokens += 1
-        model._pos_embed = functools.partial(_gist_pos_embed, model)
-        model.forward = functools.partial(_gist_forward, model)
-    for params in _trainable_groups(model).values():
-        for p in params:
-            p.requires_grad_(True)
-    if verbose:
-        adapter = f" rank={rank} scale={config.scale}" if peft in DEFAULT_SCALE else ""
-        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused}"
-              f"{f' memory={config.memory}' if config.memory else ''} | {parameter_summary(model)}")
-    return model
+            block.forward = functools.partial(block_forward, block, peft=kind.name, mode=config.memory)
+        elif kind.forward is not None:
+            block.forward = functools.partial(kind.forward, block)
+    return f"lean({config.memory})" if config.memory else "eager" if kind.forward else "timm"
+
+
+def _add_gist_token(model: nn.Module, like: dict) -> None:
+    """The Gist token after the prefix tokens (no position embedding, its own dropout) and the two-output forward."""
+    model.gist_token = nn.Parameter(torch.empty(1, 1, model.embed_dim).uniform_(-0.5, 0.5).to(**like))
+    model.gist_drop = nn.Dropout(0.1)
+    model.num_prefix_tokens += 1  # timm's pooling then skips the gist token as it skips CLS
+    if hasattr(model.patch_drop, "num_prefix_tokens"):
+        model.patch_drop.num_prefix_tokens += 1
+    model._pos_embed = functools.partial(_gist_pos_embed, model)
+    model.forward = functools.partial(_gist_forward, model)
 
 
 def patch_config(model: nn.Module) -> dict:
     """The configuration patch() applied, as a plain dict (checkpoints carry it)."""
     if not hasattr(model, "gist_fast_config"):
         raise ValueError("model is not patched by gist_fast")
-    return asdict(model.gist_fast_config)
+    return model.gist_fast_config.to_dict()

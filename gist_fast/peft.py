@@ -1,5 +1,7 @@
-"""The PEFT modules patch() inserts, and the timm-Block forwards that use them (METHODS §1-§3)."""
-from typing import Optional, Sequence
+"""The PEFT modules patch() inserts, the timm-Block forwards that use them (METHODS §1-§3), and KINDS: the
+registry that says, per kind, what patch() inserts, which forward it binds and what trains."""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +96,39 @@ def channels_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
     return x + _mlp(self, self.norm2(x))
 
 
-BLOCK_FORWARDS = {
-    "adapter": gist_adapter_forward,
-    "seq-adapter": seq_adapter_forward,
-    "adaptformer": adaptformer_forward,
-    "channels": channels_forward,
-}
-DEFAULT_SCALE = {"adapter": 0.1, "seq-adapter": 1.0, "adaptformer": 0.1}
+@dataclass(frozen=True)
+class PeftKind:
+    """Everything patch() needs to know of one PEFT kind: adding a kind is one entry in KINDS (and its module
+    and block forward above)."""
+
+    name: str
+    module: Optional[str] = None           # the block attribute holding its per-block module
+    make: Optional[Callable[[Any, int, int], nn.Module]] = None  # (patch config, dim, block index) -> module
+    group: str = ""                        # its tensors' group in parameter_summary
+    forward: Optional[Callable] = None     # the eager block forward; None: timm's own
+    lean: bool = False                     # gist_fast.lean_block has a memory-lean forward for it
+    scale: Optional[float] = None          # the default scale of an adapter kind
+    trains_norms: bool = False             # the LayerNorm affine parameters train too
+    takes_gist: bool = True                # can carry the Gist token and its loss
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.scale is not None
+
+
+def _adapter(config, dim: int, _i: int) -> nn.Module:
+    return Adapter(dim, config.rank, config.scale, config.fused)
+
+
+def _channels(config, dim: int, i: int) -> nn.Module:
+    return ChannelLinear(dim, config.channels[i])
+
+
+KINDS: Dict[str, PeftKind] = {k.name: k for k in (
+    PeftKind("adapter", "adapter", _adapter, "adapters", gist_adapter_forward, lean=True, scale=0.1),
+    PeftKind("seq-adapter", "adapter", _adapter, "adapters", seq_adapter_forward, scale=1.0),
+    PeftKind("adaptformer", "adapter", _adapter, "adapters", adaptformer_forward, lean=True, scale=0.1),
+    PeftKind("ln", trains_norms=True),
+    PeftKind("channels", "channel_linear", _channels, "channels", channels_forward, trains_norms=True),
+    PeftKind("linear"),
+)}

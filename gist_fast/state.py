@@ -4,7 +4,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from gist_fast.patch import patch, patch_config
+from gist_fast.patch import PatchConfig, patch, patch_config
 
 _COMPARED = ("peft", "gist", "rank", "scale", "channels")
 
@@ -23,7 +23,7 @@ def load_trainable_state_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> n
                          "(see gist_fast.trainable_state_dict)")
     saved = checkpoint["gist_fast_config"]
     if not hasattr(model, "gist_fast_config"):
-        patch(model, **{k: saved[k] for k in _COMPARED}, fused=saved["fused"], verbose=False)
+        patch(model, **PatchConfig.from_dict(saved).patch_kwargs(), verbose=False)
     here = patch_config(model)
     differ = [f"{k}: model {here[k]!r} vs checkpoint {saved[k]!r}" for k in _COMPARED if here[k] != saved[k]]
     if differ:

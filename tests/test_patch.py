@@ -178,3 +178,35 @@ def test_whole_patched_model_saves_and_loads(tmp_path, peft, memory):
         expected = model(x)
         torch.manual_seed(0)
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_a_kind_is_one_registry_entry(monkeypatch):
+    """A new PEFT kind: its module, its block forward and what trains come from its KINDS entry alone."""
+    from torch import nn
+
+    from gist_fast.peft import KINDS, PeftKind
+
+    class Bias(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(block, x, **attn_kwargs):
+        return type(block).forward(block, x, **attn_kwargs) + block.shift.bias
+
+    kind = PeftKind("shift", "shift", lambda config, dim, i: Bias(dim), "shifts", forward)
+    monkeypatch.setitem(KINDS, "shift", kind)
+    model = gist_fast.patch(tiny_vit(num_classes=5), peft="shift", gist=True, verbose=False)
+    summary = gist_fast.parameter_summary(model)
+    assert summary.by_group["shifts"] == 2 * 48 and summary.trainable == 2 * 48 + 48 + 5 * 49
+    with torch.no_grad():
+        model.blocks[1].shift.bias.fill_(1.0)
+    model.eval()
+    x = images()
+    with torch.no_grad():
+        shifted = model.forward_features(x)
+        model.blocks[1].shift.bias.zero_()
+        plain = model.forward_features(x)
+    assert not torch.allclose(shifted, plain)  # the kind's forward is the one bound
+    loaded = gist_fast.load_trainable_state_dict(tiny_vit(num_classes=5), gist_fast.trainable_state_dict(model))
+    assert gist_fast.patch_config(loaded) == gist_fast.patch_config(model)

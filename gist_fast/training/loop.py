@@ -75,8 +75,8 @@ class Trainer:
         if cfg.framework == "idat" and models.input_size(cfg.teacher, cfg.teacher_kwargs) != size:
             raise ValueError(f"--teacher {cfg.teacher} {cfg.teacher_kwargs}: must take the student's input size {size}")
         torch.manual_seed(cfg.seed + world.rank)  # dropout / drop-path streams; data order is seeded apart
-        patch_as = resume["student"]["gist_fast_config"] if resume else None
-        self.models: List[nn.Module] = [models.student(cfg, self.num_classes, self.main and not resume, patch_as)]
+        saved = resume["student"]["gist_fast_config"] if resume else None
+        self.models: List[nn.Module] = [models.student(cfg, self.num_classes, self.main and not resume, saved)]
         if cfg.framework == "idat":
             self.models.append(models.teacher(cfg, self.num_classes, self.main and not resume))
         self._prepare()
@@ -140,8 +140,7 @@ class Trainer:
         scores = gist_fast.taylor_importance(stage1, loader, self.device)  # every rank: the same full pass
         k = self.cfg.channels_k or max(1, stage1.embed_dim // 8)
         channels = gist_fast.select_channels(scores, k).tolist()
-        spec = dict(peft="channels", gist=False, rank=self.cfg.rank, scale=None, channels=channels)
-        stage2 = models.student(self.cfg, self.num_classes, self.main, spec)
+        stage2 = models.student(self.cfg, self.num_classes, self.main, peft="channels", gist=False, channels=channels)
         stage2.to(self.device)
         models.copy_trained(stage1, stage2)
         self.models[0] = stage2

@@ -87,18 +87,19 @@ def memory_mode(cfg: TrainConfig) -> Optional[str]:
     return None if cfg.memory == "none" else cfg.memory
 
 
-def student(cfg: TrainConfig, num_classes: int, verbose: bool, patch_as: Optional[dict] = None) -> nn.Module:
-    """The patched student; patch_as (a checkpoint's patch configuration) rebuilds a saved one."""
+def student(cfg: TrainConfig, num_classes: int, verbose: bool, saved: Optional[dict] = None,
+            **patch_kwargs) -> nn.Module:
+    """The patched student: as the framework patches it, with patch_kwargs on top (two-stage's stage 2), or as
+    `saved` (a checkpoint's patch configuration) was; the run decides how it computes (fused, memory)."""
     model = backbone(cfg.model, cfg.model_kwargs, num_classes, cfg.drop_path, cfg.seed,
                      cfg.pretrained, cfg.pretrained_file)
-    if patch_as is None:
-        peft, gist = peft_of(cfg)
-        patch_as = dict(peft=peft, gist=gist, rank=cfg.rank, scale=None, channels=None)
+    peft, gist = peft_of(cfg)
+    kwargs = gist_fast.PatchConfig.from_dict(saved).patch_kwargs() if saved else dict(peft=peft, gist=gist,
+                                                                                          rank=cfg.rank)
+    kwargs.update(patch_kwargs, fused=fused_flag(cfg), memory=memory_mode(cfg))
     with torch.random.fork_rng(devices=[]):  # new PEFT tensors are seeded too
         torch.manual_seed(cfg.seed)
-        return gist_fast.patch(model, peft=patch_as["peft"], gist=patch_as["gist"], rank=patch_as["rank"],
-                               scale=patch_as["scale"], channels=patch_as["channels"], fused=fused_flag(cfg),
-                               memory=memory_mode(cfg), verbose=verbose)
+        return gist_fast.patch(model, **kwargs, verbose=verbose)
 
 
 def teacher(cfg: TrainConfig, num_classes: int, verbose: bool) -> nn.Module:
