@@ -56,11 +56,10 @@ def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: 
             model = timm.create_model(name, pretrained=pretrained or bool(pretrained_file), **extra)
     except Exception as e:
         if pretrained_file:  # torch lists every mismatching tensor: the first says enough
-            first = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-            if "size mismatch" in str(e):
-                first = [next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            reason = next((line for line in lines if "size mismatch" in line), lines[-1])
             raise ValueError(f"{pretrained_file}: cannot load as pretrained weights for {name} {kwargs or ''}: "
-                             f"{first[0]}") from None
+                             f"{reason}") from None
         raise
     finally:
         logger.removeHandler(catcher)

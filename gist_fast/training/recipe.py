@@ -216,6 +216,5 @@ def for_resume(saved: dict, given: dict, folder: str) -> TrainConfig:
     if differ:
         raise ValueError(f"--resume continues the checkpoint's run; these options differ from it: {', '.join(differ)} "
                          "(drop them, or start a new run in another --output)")
-    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
     runtime = {"output": folder, **{k: v for k, v in given.items() if k in RUNTIME_OPTIONS}}
-    return TrainConfig(**{**known, "stop_after_steps": None, **runtime})  # a step limit binds only its own call
+    return TrainConfig(**{**saved, "stop_after_steps": None, **runtime})  # a step limit binds only its own call

@@ -66,27 +66,28 @@ def _recorded(folder: str) -> Tuple[Optional[dict], Optional[dict]]:
     return result, last
 
 
-def _plan(cfg: TrainConfig, overwrite: bool) -> str:
-    """What to do with one task folder: "done", "resume", "train" or "overwrite"; a folder holding a run with
-    other settings is refused (naming them) unless overwrite."""
+def _plan(cfg: TrainConfig, overwrite: bool) -> Tuple[str, Optional[dict]]:
+    """What to do with one task folder: "done" (with its result), "resume", "train" or "overwrite"; a folder
+    holding a run with other settings is refused (naming them) unless overwrite."""
     for name in (VTAB_TRAIN, VTAB_TEST):
         if not os.path.isfile(os.path.join(cfg.data, cfg.task, name)):
             raise DataError(f"{os.path.join(cfg.data, cfg.task, name)}: not found (a VTAB-1K task folder has "
                             f"{VTAB_TRAIN} and {VTAB_TEST})")
     files = checkpoint.earlier_run(cfg.output)
     if not files:
-        return "train"
+        return "train", None
     result, last = _recorded(cfg.output)
     wanted = _settings(asdict(cfg))
     if result is not None and _settings(result.get("config", {})) == wanted:
-        return "done"
+        return "done", {k: v for k, v in result.items() if k != "config"}
     if result is None and last is not None and _settings(last) == wanted:
-        return "resume"
+        return "resume", None
     if overwrite:  # only what was trained with other settings
-        return "overwrite"
+        return "overwrite", None
     recorded = (result or {}).get("config") or last
-    why = "not recorded" if recorded is None else ", ".join(
-        sorted(option(k) for k in wanted if _settings(recorded).get(k) != wanted[k])) + " differ"
+    theirs = _settings(recorded) if recorded is not None else None
+    why = "not recorded" if theirs is None else ", ".join(
+        sorted(option(k) for k in wanted if theirs.get(k) != wanted[k])) + " differ"
     raise ValueError(f"{cfg.output} holds a run ({', '.join(files)}) with other settings ({why}): pass --overwrite "
                      "to train it again, or choose another --output")
 
@@ -104,14 +105,14 @@ def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: boo
     plans = {t: _plan(cfg, overwrite) for t, cfg in configs.items()}  # task's own lr / weight decay / drop-path
     results = {}
     for task, cfg in configs.items():
-        if plans[task] == "done":
-            with open(os.path.join(cfg.output, "result.json")) as f:
-                results[task] = {k: v for k, v in json.load(f).items() if k != "config"}
+        plan, done = plans[task]
+        if plan == "done":
+            results[task] = done
             continue
-        print(f"== {task} ({'continued from last.pt' if plans[task] == 'resume' else 'trained'}) ==", flush=True)
-        resume = os.path.join(cfg.output, "last.pt") if plans[task] == "resume" else None
+        print(f"== {task} ({'continued from last.pt' if plan == 'resume' else 'trained'}) ==", flush=True)
+        resume = os.path.join(cfg.output, "last.pt") if plan == "resume" else None
         try:
-            results[task] = train(cfg, resume, overwrite=plans[task] == "overwrite")
+            results[task] = train(cfg, resume, overwrite=plan == "overwrite")
         except Stopped as stop:
             raise Stopped(f"{task}: {stop.reason}; run the same gist-fast vtab command again to continue the sweep",
                           stop.exit_code) from None
