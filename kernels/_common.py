@@ -51,6 +51,14 @@ def dot_operand(t, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def row_tile(d0, cols0, D, row_mask, row_off):
+    """Columns d0 + cols0 of a (BLOCK_M, D) row tile: (cols, col_mask, mask, offsets)."""
+    cols = d0 + cols0
+    col_mask = cols < D
+    return cols, col_mask, row_mask[:, None] & col_mask[None, :], row_off + cols[None, :]
+
+
+@triton.jit
 def gelu(h):
     """Exact GELU: h * Phi(h) = 0.5 h (1 + erf(h / sqrt 2))."""
     return 0.5 * h * (1.0 + tl.erf(h * _SQRT1_2))

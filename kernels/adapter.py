@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gist_fast.kernels._common import check_rows, dot_config, dot_operand, gelu, gelu_grad
+from gist_fast.kernels._common import check_rows, dot_config, dot_operand, gelu, gelu_grad, row_tile
 
 # The largest rank the kernels take; above it ops run the plain-torch backend. Set from the sm_90a gate
 # (tests/sm90_gate.py): every rank up to it fits an H100's shared memory in every dtype.
@@ -68,10 +68,7 @@ def _adapter_fwd_kernel(
     m2 = tl.zeros((BLOCK_M,), tl.float32)
     n_a = tl.zeros((), tl.float32)  # columns folded into mean / m2 so far
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_off + cols[None, :]
+        cols, col_mask, mask, offs = row_tile(d0, cols0, D, row_mask, row_off)
         wu_t = tl.load(wu_ptr + cols[None, :] * R + ranks[:, None],
                        mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
         y = tl.dot(a, dot_operand(wu_t, DOT_DTYPE), input_precision=DOT_PRECISION)
@@ -97,10 +94,7 @@ def _adapter_fwd_kernel(
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         tl.debug_barrier()  # pass 3 reads out back, possibly in another thread's layout
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            col_mask = cols < D
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_off + cols[None, :]
+            cols, col_mask, mask, offs = row_tile(d0, cols0, D, row_mask, row_off)
             o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(nw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             b = tl.load(nb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -173,10 +167,7 @@ def _adapter_bwd_kernel(
             mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            col_mask = cols < D
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_off + cols[None, :]
+            cols, col_mask, mask, offs = row_tile(d0, cols0, D, row_mask, row_off)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
             wd_t = tl.load(wd_ptr + ranks[None, :] * D + cols[:, None],
                            mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
@@ -197,10 +188,7 @@ def _adapter_bwd_kernel(
         # pass B: g, ga = g W_u, and the partial gradients of W_u, b_u and the LayerNorm affine
         ga = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            col_mask = cols < D
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_off + cols[None, :]
+            cols, col_mask, mask, offs = row_tile(d0, cols0, D, row_mask, row_off)
             g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_NORM:
                 o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -232,10 +220,7 @@ def _adapter_bwd_kernel(
             tl.debug_barrier()  # pass C reads g back from gres
         # pass C: grad_x = gh W_d (+ g) and the partial gradient of W_d
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            col_mask = cols < D
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_off + cols[None, :]
+            cols, col_mask, mask, offs = row_tile(d0, cols0, D, row_mask, row_off)
             wd = tl.load(wd_ptr + ranks[:, None] * D + cols[None, :],
                          mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
             gx = tl.dot(gh, dot_operand(wd, DOT_DTYPE), input_precision=DOT_PRECISION)
