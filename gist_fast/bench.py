@@ -256,34 +256,24 @@ def _time_steps(runner: Runner, images, target, steps: int) -> List[float]:
     return times
 
 
-def _fits(runner: Runner, batch: int, budget: int, num_classes: int) -> bool:
-    dev = runner.device
-    size = runner.model.patch_embed.img_size
-    try:
-        images = torch.randn(batch, 3, *size, device=dev)
-        target = torch.randint(0, num_classes, (batch,), device=dev)
-        runner.step(images, target)  # first call allocates optimizer state
-        torch.cuda.reset_peak_memory_stats(dev)
-        runner.step(images, target)
-        _sync(dev)
-        ok = torch.cuda.max_memory_allocated(dev) <= budget
-    except torch.cuda.OutOfMemoryError:
-        ok = False
-    runner.opt.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
-    return ok
-
-
 def max_batch_cuda(runner: Runner, budget: int, num_classes: int, start: int = 16, limit: int = 4096) -> int:
-    """Largest batch whose step peaks within `budget` bytes: doubling, then bisection."""
-    lo, hi = 0, start
-    while hi <= limit and _fits(runner, hi, budget, num_classes):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > max(1, lo // 16):
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(runner, mid, budget, num_classes) else (lo, mid)
-    return lo
+    """Largest batch whose step (the optimizer's state allocated by a first step) peaks within
+    `budget` bytes (gist_fast.memory.largest_batch)."""
+    from gist_fast import memory
+
+    size = runner.model.patch_embed.img_size
+
+    def fits(batch: int) -> bool:
+        images = torch.randn(batch, 3, *size, device=runner.device)
+        target = torch.randint(0, num_classes, (batch,), device=runner.device)
+        step = lambda: runner.step(images, target)  # noqa: E731
+        try:  # the first step allocates the optimizer's state, which the measured one reuses
+            warm = memory.cuda_step_fits(step, float("inf"), runner.device)
+            return warm and memory.cuda_step_fits(step, budget, runner.device)
+        finally:
+            runner.opt.zero_grad(set_to_none=True)
+
+    return memory.largest_batch(fits, start, limit)
 
 
 def _groups(impls: List[str], cuda: bool) -> List[List[str]]:

@@ -1,4 +1,6 @@
-"""Saved-activation accounting and gradient accumulation for large batches on little memory.
+"""The memory budget: saved-activation accounting, the largest batch that fits, and gradient
+accumulation in micro-batches, for large batches on little memory (the trainer and the benchmark
+both use these).
 
     report = gist_fast.activation_bytes(model, images[:8], autocast_dtype=torch.bfloat16)
     report.per_image                     # bytes autograd keeps per image between forward and backward
@@ -7,7 +9,8 @@
     optimizer.step()                     # the same update as one backward over the whole batch
 
 A training CLI offering `--memory-budget` calls fit_micro_batch once, then accumulate_backward
-every step in place of `loss_fn(model(images), target).backward()`.
+every step in place of `loss_fn(model(images), target).backward()` (gist_fast.training: its own loss
+through backward_in_parts). largest_batch + cuda_step_fits measure the largest batch on CUDA.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -37,13 +40,11 @@ class ActivationReport:
         return f"saved activations: {self.per_image_mb:.2f} MB/image + {self.fixed / 2**20:.2f} MB fixed ({parts})"
 
 
-def _default_loss(output, batch: int) -> Tensor:
-    target = torch.zeros(batch, dtype=torch.long, device=(output[0] if isinstance(output, tuple) else output).device)
-    if isinstance(output, tuple):
-        from gist_fast.ops import losses
-
-        return losses.gist_loss(output[0], output[1], target, fused=False)
-    return nn.functional.cross_entropy(output.float(), target)
+def sum_of_outputs(output) -> Tensor:
+    """The default loss of the accounting: the sum of every floating output, so the model's own
+    saved activations count and no loss is guessed (pass the training's loss to count its few too)."""
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    return sum(o.float().sum() for o in outputs if isinstance(o, Tensor) and o.is_floating_point())
 
 
 @contextlib.contextmanager
@@ -90,10 +91,7 @@ def _count(model: nn.Module, images: Tensor, loss_fn, autocast_dtype) -> Dict[st
     try:
         with _reentrant_checkpoints(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
             output = model(images)
-            if loss_fn is None:
-                _default_loss(output, images.shape[0])
-            else:
-                loss_fn(output)
+            (loss_fn or sum_of_outputs)(output)
     finally:
         for h in handles:
             h.remove()
@@ -105,11 +103,11 @@ def activation_bytes(model: nn.Module, images: Tensor, loss_fn: Optional[Callabl
                      autocast_dtype: Optional[torch.dtype] = None) -> ActivationReport:
     """The bytes autograd saves for backward when `model` runs `images` (a batch), per image.
 
-    Counts every tensor the forward (and loss_fn(output), default: cross-entropy / the GIST loss on
-    class 0) hands to autograd, each storage once; parameters and buffers do not count. Runs the
-    batch and its first half, so per_image is the slope and fixed the rest. Works on any device
-    (no allocator statistics); under autocast when autocast_dtype is given. The model is run as it
-    is (train mode gives the training graph)."""
+    Counts every tensor the forward (and loss_fn(output), default: sum_of_outputs) hands to
+    autograd, each storage once; parameters and buffers do not count. Runs the batch and its first
+    half, so per_image is the slope and fixed the rest. Works on any device (no allocator
+    statistics); under autocast when autocast_dtype is given. The model is run as it is (train mode
+    gives the training graph)."""
     batch = images.shape[0]
     full = _count(model, images, loss_fn, autocast_dtype)
     if batch < 2:
@@ -155,44 +153,70 @@ def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, samp
     """The largest micro-batch (≤ batch_size) whose training step fits in memory_budget_bytes.
 
     Estimate (any device): parameters + gradients + optimizer states + fixed saved bytes +
-    micro_batch × saved bytes per image (activation_bytes on `sample`, a few images), within
-    `headroom` of the budget (the rest is left to transient buffers of the backward). On CUDA with
-    probe (default on CUDA), the estimate is then checked by running steps and reading
-    torch.cuda.max_memory_allocated, halving until it fits (gradients are zeroed afterwards)."""
+    micro_batch × saved bytes per image (activation_bytes on `sample`, a few images, with
+    loss_fn(output), default sum_of_outputs), within `headroom` of the budget (the rest is left to
+    transient buffers of the backward). On CUDA with probe (default on CUDA), the estimate is the
+    start of largest_batch over real steps read with torch.cuda.max_memory_allocated (gradients are
+    zeroed afterwards)."""
+    budget = parse_bytes(memory_budget_bytes)
     devices = [sample.device] if sample.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the probing forwards must not shift the training's dropout stream
-        return _fit_micro_batch(model, batch_size, parse_bytes(memory_budget_bytes), sample, autocast_dtype, loss_fn,
-                                optimizer_states, headroom, probe)
-
-
-def _fit_micro_batch(model, batch_size, budget, sample, autocast_dtype, loss_fn, optimizer_states, headroom, probe):
-    report = activation_bytes(model, sample, loss_fn, autocast_dtype)
-    free = budget * headroom - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
-    micro = int(max(1, min(batch_size, free // max(report.per_image, 1.0))))
-    if probe is None:
-        probe = sample.device.type == "cuda"
-    if not probe:
-        return micro
-    # the allocator's peak counts parameters, gradients and activations; optimizer states come on top
-    states = sum(4 * optimizer_states * p.numel() for p in model.parameters() if p.requires_grad)
-    while micro > 1:
-        images = sample[torch.arange(micro, device=sample.device) % sample.shape[0]]
-        try:
-            torch.cuda.reset_peak_memory_stats(sample.device)
-            amp = torch.autocast("cuda", autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-            with amp:
-                output = model(images)
-                loss = _default_loss(output, micro) if loss_fn is None else loss_fn(output)
-            loss.backward()
-            fits = torch.cuda.max_memory_allocated(sample.device) + states <= budget
-        except torch.cuda.OutOfMemoryError:
-            fits = False
-        finally:
-            model.zero_grad(set_to_none=True)
-        if fits:
+        report = activation_bytes(model, sample, loss_fn, autocast_dtype)
+        free = budget * headroom - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
+        micro = int(max(1, min(batch_size, free // max(report.per_image, 1.0))))
+        if not (sample.device.type == "cuda" if probe is None else probe):
             return micro
-        micro = max(1, micro // 2) if micro <= 8 else int(micro * 0.8)
-    return micro
+        # the allocator's peak counts parameters, gradients and activations; optimizer states come on top
+        states = sum(4 * optimizer_states * p.numel() for p in model.parameters() if p.requires_grad)
+
+        def fits(n: int) -> bool:
+            images = sample[torch.arange(n, device=sample.device) % sample.shape[0]]
+            amp = torch.autocast("cuda", autocast_dtype, enabled=autocast_dtype is not None)
+            try:
+                return cuda_step_fits(lambda: _backward(model, images, loss_fn, amp), budget - states, sample.device)
+            finally:
+                model.zero_grad(set_to_none=True)
+
+        return max(1, largest_batch(fits, micro, batch_size))
+
+
+def _backward(model: nn.Module, images: Tensor, loss_fn: Optional[Callable], amp) -> None:
+    with amp:
+        loss = (loss_fn or sum_of_outputs)(model(images))
+    loss.backward()
+
+
+def cuda_step_fits(step: Callable[[], object], budget: int, device: torch.device) -> bool:
+    """Whether step()'s peak allocation on the CUDA device stays within budget bytes (an
+    out-of-memory error is a no). The caller runs it once before if its first call allocates
+    state that later calls reuse (an optimizer's)."""
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) <= budget
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n) (0 when not even 1 fits), assuming fits is monotone:
+    doubling up from `start` or halving down, then bisection to within 1/16 of the answer."""
+    start = max(1, min(start, limit))
+    if fits(start):
+        lo, hi = start, min(2 * start, limit + 1)
+        while hi <= limit and fits(hi):
+            lo, hi = hi, min(2 * hi, limit + 1)
+    else:
+        lo, hi = start // 2, start
+        while lo > 0 and not fits(lo):
+            lo, hi = lo // 2, lo
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _rows(target: Tensor, ignore_index: Optional[int]) -> int:
@@ -201,34 +225,47 @@ def _rows(target: Tensor, ignore_index: Optional[int]) -> int:
     return int(target.shape[0])
 
 
+def backward_in_parts(loss_sum: Callable[[Tensor, Tensor], Optional[Tensor]], images: Tensor, target: Tensor,
+                      micro_batch: int, divisor: float, scaler=None) -> Tensor:
+    """Backward of Σ_parts loss_sum(part) / divisor, one micro-batch of `micro_batch` rows at a time.
+
+    loss_sum(images, target) returns the part's loss summed over its rows (None: the part adds
+    nothing); with divisor the whole batch's row count the gradients are those of the batch's
+    mean loss, however it is split. Returns Σ loss_sum, detached. scaler: a GradScaler for fp16."""
+    total = torch.zeros((), device=images.device)
+    for start in range(0, images.shape[0], micro_batch):
+        loss = loss_sum(images[start:start + micro_batch], target[start:start + micro_batch])
+        if loss is None:
+            continue
+        part = loss / divisor
+        (scaler.scale(part) if scaler is not None else part).backward()
+        total = total + loss.detach()
+    return total
+
+
 def accumulate_backward(model: nn.Module, loss_fn: Callable, images: Tensor, target: Tensor, micro_batch: int,
                         ignore_index: Optional[int] = -100, scaler=None) -> Tensor:
     """loss_fn(model(images), target).backward() in micro-batches of `micro_batch` images, with the
     same gradients as the whole batch at once (up to float rounding).
 
     loss_fn must reduce by the mean over non-ignored rows (GistLoss, DistillLoss, CrossEntropyLoss
-    with their default reduction): each micro-batch's loss is weighted by its share of those rows.
+    with their default reduction): each micro-batch's mean is weighted by its share of those rows.
     Gradients accumulate into .grad (zero them before, step after). Returns the whole batch's loss
     (detached). Stochastic layers (gist dropout, DropPath) draw per micro-batch, so their masks differ
     from a whole-batch pass. scaler: a torch.amp.GradScaler for fp16."""
-    batch = images.shape[0]
-    if micro_batch >= batch:
+    if micro_batch >= images.shape[0]:
         loss = loss_fn(model(images), target)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
     total_rows = _rows(target, ignore_index)
     if total_rows == 0:
         raise ValueError("every target row is ignored: the mean loss is undefined")
-    total = None
-    for start in range(0, batch, micro_batch):
-        x, t = images[start:start + micro_batch], target[start:start + micro_batch]
-        rows = _rows(t, ignore_index)
-        if rows == 0:
-            continue  # contributes nothing to a mean over non-ignored rows
-        loss = loss_fn(model(x), t) * (rows / total_rows)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    return total
+
+    def loss_sum(x: Tensor, t: Tensor) -> Optional[Tensor]:
+        rows = _rows(t, ignore_index)  # a part of ignored rows only adds nothing to the mean
+        return loss_fn(model(x), t) * rows if rows else None
+
+    return backward_in_parts(loss_sum, images, target, micro_batch, total_rows, scaler) / total_rows
 
 
 def step_with_budget(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, images: Tensor,
@@ -241,4 +278,4 @@ def step_with_budget(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn
 
 
 __all__ = ["ActivationReport", "activation_bytes", "training_state_bytes", "parse_bytes", "fit_micro_batch",
-           "accumulate_backward", "step_with_budget"]
+           "largest_batch", "cuda_step_fits", "backward_in_parts", "accumulate_backward", "step_with_budget"]

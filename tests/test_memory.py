@@ -89,3 +89,38 @@ def test_fit_micro_batch_estimate():
     assert gist_fast.fit_micro_batch(model, 64, budget(25), sample) == 25
     assert gist_fast.fit_micro_batch(model, 64, 2**40, sample) == 64
     assert gist_fast.fit_micro_batch(model, 64, 1, sample) == 1
+
+
+@pytest.mark.parametrize("start", [1, 5, 16, 40, 100])
+@pytest.mark.parametrize("largest", [0, 1, 7, 16, 33, 64])
+def test_largest_batch_finds_the_threshold(start, largest):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= largest
+
+    found = gist_fast.memory.largest_batch(fits, start, limit=64)
+    assert all(1 <= n <= 64 for n in calls)
+    assert largest - largest // 16 <= found <= largest  # within 1/16 below the answer, never above it
+
+
+def test_backward_in_parts_is_the_mean_however_split():
+    w = torch.randn(5, 3, requires_grad=True)
+    x, t = torch.randn(11, 5), torch.tensor([0, 1, 2, -100, 1, 0, 2, -100, 1, 1, 0])
+    loss_sum = lambda x, t: torch.nn.functional.cross_entropy(x @ w, t, reduction="sum")  # noqa: E731
+    whole = torch.nn.functional.cross_entropy(x @ w, t)
+    (expected,) = torch.autograd.grad(whole, w)
+    for micro in (1, 4, 11):
+        w.grad = None
+        total = gist_fast.memory.backward_in_parts(loss_sum, x, t, micro, divisor=9)
+        torch.testing.assert_close(total / 9, whole.detach())
+        torch.testing.assert_close(w.grad, expected)
+
+
+def test_activation_bytes_counts_the_given_loss_too():
+    model, x = _model(), images(4, size=40)
+    plain = gist_fast.activation_bytes(model, x)  # sum_of_outputs: the model's own activations
+    loss = lambda out: gist_fast.GistLoss(fused=False)(out, torch.zeros(len(out[0]), dtype=torch.long))  # noqa: E731
+    with_loss = gist_fast.activation_bytes(model, x, loss_fn=loss)
+    assert 0 < plain.per_image < with_loss.per_image < 1.1 * plain.per_image

@@ -100,14 +100,19 @@ class Trainer:
 
     def _fit_micro_batch(self) -> int:
         """The largest micro-batch of the student's step within --memory-budget (the estimate
-        covers the student; an iDAT teacher is smaller)."""
+        covers the student with its training loss; an iDAT teacher is smaller)."""
         sample = torch.stack([self.train_set[i][0] for i in range(min(4, len(self.train_set)))]).to(self.device)
         micro = gist_fast.fit_micro_batch(self.student, self.local_batch, self.cfg.memory_budget, sample,
-                                          autocast_dtype=AMP_DTYPES.get(self.amp))
+                                          autocast_dtype=AMP_DTYPES.get(self.amp), loss_fn=self._student_loss)
         if self.main:
             print(f"--memory-budget {self.cfg.memory_budget}: micro-batches of {micro} of {self.local_batch} images "
                   "per process")
         return micro
+
+    def _student_loss(self, out) -> torch.Tensor:
+        """The student's loss on class 0 (what the budget's probes run; an iDAT student's CE)."""
+        logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
+        return self._criterion(out, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
         # its own generator: starting an epoch's iterator must not draw from the global RNG, or a
@@ -191,38 +196,47 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # -- the loop -----------------------------------------------------------------------------
+    def _criterion(self, out, target: torch.Tensor, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The framework's loss of a student output (and an iDAT teacher's logits), summed over the
+        rows not labelled IGNORE."""
+        logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
+        if teacher is not None:
+            return self.loss_fn(logits.float(), teacher.float(), target)
+        if self.cfg.framework == "gist":
+            return self.loss_fn(gist_fast.GistOutput(out[0].float(), out[1].float()), target)
+        return F.cross_entropy(logits.float(), target, ignore_index=distributed.IGNORE, reduction="sum")
+
     def _loss(self, images: torch.Tensor, target: torch.Tensor):
-        """The loss summed (not averaged) over the rows not labelled IGNORE, and how many of them are
-        right: _step weights the sum by the global batch's row count."""
+        """The summed loss (_criterion) and how many rows are right: _step weights the sum by the
+        global batch's row count."""
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp != "none"):
             out = self.wrapped[0](images)
-            logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
-            if self.cfg.framework == "idat":
-                loss = self.loss_fn(logits.float(), self.wrapped[1](images).float(), target)
-            elif self.cfg.framework == "gist":
-                loss = self.loss_fn(gist_fast.GistOutput(out[0].float(), out[1].float()), target)
-            else:
-                loss = F.cross_entropy(logits.float(), target, ignore_index=distributed.IGNORE, reduction="sum")
+            teacher = self.wrapped[1](images) if self.cfg.framework == "idat" else None
+            loss = self._criterion(out, target, teacher)
+        logits = out[0] if isinstance(out, gist_fast.GistOutput) else out
         return loss, (logits.detach().argmax(-1) == target).sum()
 
     def _step(self, images: torch.Tensor, target: torch.Tensor, rows: int):
         """One optimizer step on this rank's share of a global batch of `rows` real samples; returns
         the summed loss and correct count of its own real rows. DDP averages the ranks' gradients,
-        so each (micro-)batch's summed loss is scaled by size / rows: the update is the global
-        batch's mean, with padded rows and micro-batches of any size weighted right."""
+        so the summed losses are divided by rows / world: the update is the global batch's mean,
+        with padded rows and micro-batches of any size weighted right."""
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        weight = self.world.size / rows
-        total, correct = 0.0, 0
-        for start in range(0, len(target), self.micro_batch):
-            part = slice(start, start + self.micro_batch)
-            loss, right = self._loss(images[part], target[part])
-            self.scaler.scale(loss * weight).backward()  # DDP reduces each micro-batch: correct, not fastest
-            total, correct = total + loss.detach(), correct + right
+        correct = []
+
+        def loss_sum(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            loss, right = self._loss(x, t)
+            correct.append(right)
+            return loss
+
+        # DDP reduces each micro-batch's gradients: correct, not fastest
+        total = gist_fast.memory.backward_in_parts(loss_sum, images, target, self.micro_batch, rows / self.world.size,
+                                                   self.scaler)
         for o in self.optimizers:
             self.scaler.step(o)
         self.scaler.update()
-        return total, correct
+        return total, sum(correct)
 
     def _should_stop(self) -> bool:
         limit = self.cfg.stop_after_steps
