@@ -54,10 +54,20 @@ def _size(text: str) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    _add_method_options(p)
+    d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
+    d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
+    if not sweep:  # the sweep names its tasks with --tasks, and each VTAB task has its own class count
+        d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
+        d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
+    _add_recipe_and_run_options(p)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
     from gist_fast.peft import KINDS
 
     ADAPTER_KINDS = tuple(k for k, kind in KINDS.items() if kind.is_adapter)  # what --peft can swap
-    from gist_fast.training.recipe import AMP_MODES, FRAMEWORKS, FUSED_MODES, MEMORY_MODES
+    from gist_fast.training.recipe import FRAMEWORKS, FUSED_MODES
 
     m = p.add_argument_group("method")
     m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
@@ -82,12 +92,9 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     mo.add_argument("--teacher-kwargs", type=_kwargs, help="timm overrides for the teacher")
     mo.add_argument("--teacher-pretrained-file", help="a local timm checkpoint for the teacher")
 
-    d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
-    d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
-    if not sweep:  # the sweep names its tasks with --tasks
-        d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
-    if not sweep:  # each VTAB task has its own
-        d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
+
+def _add_recipe_and_run_options(p: argparse.ArgumentParser) -> None:
+    from gist_fast.training.recipe import AMP_MODES, MEMORY_MODES
 
     r = p.add_argument_group("recipe (defaults: the authors', METHODS §4)")
     r.add_argument("--epochs", type=int, help="cosine epochs (100; 8 on digits)")

@@ -42,6 +42,13 @@ class PatchConfig:
             raise ValueError(f"not a gist_fast patch configuration: unknown keys {unknown}")
         return cls(**saved)
 
+    def differences(self, saved: dict) -> List[str]:
+        """How a saved configuration's trained tensors would not fit this one's (fused and memory
+        change how the math runs, not what it is)."""
+        mine = self.to_dict()
+        return [f"{k}: model {mine[k]!r} vs checkpoint {saved.get(k)!r}"
+                for k in ("peft", "gist", "rank", "scale", "channels") if mine[k] != saved.get(k)]
+
     def patch_kwargs(self) -> dict:
         """The patch() arguments that rebuild this configuration on a fresh model."""
         return dict(peft=self.peft, gist=self.gist, rank=self.rank, scale=self.scale, fused=self.fused,
@@ -157,6 +164,7 @@ def patch(
     """
     config = _configure(model, peft, gist, rank, scale, fused, channels, memory)
     like = _like(model)
+    model._gist_fast_trained_before = [n for n, p in model.named_parameters() if p.requires_grad]  # for unpatch
     _freeze(model)
     model.gist_fast_config = config
     paths = _insert_and_bind(model, KINDS[peft], config, like)
@@ -237,3 +245,25 @@ def patch_config(model: nn.Module) -> dict:
     if not hasattr(model, "gist_fast_config"):
         raise ValueError("model is not patched by gist_fast")
     return model.gist_fast_config.to_dict()
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch() in place, for A/B runs on one backbone: the PEFT modules and the Gist token are
+    removed (save gist_fast.trainable_state_dict first to keep them), timm's forwards come back and
+    the parameters that trained before patch() train again; a trained head keeps its weights.
+    The model can be patched again afterwards. Returns it."""
+    kind = KINDS[patch_config(model)["peft"]]
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)  # the bound partial shadowed the class's forward
+        if kind.module and hasattr(block, kind.module):
+            delattr(block, kind.module)
+    if model.gist_fast_config.gist:
+        del model.gist_token, model.gist_drop, model._pos_embed, model.forward
+        model.num_prefix_tokens -= 1
+        if hasattr(model.patch_drop, "num_prefix_tokens"):
+            model.patch_drop.num_prefix_tokens -= 1
+    trained = set(model.__dict__.pop("_gist_fast_trained_before", dict(model.named_parameters())))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    del model.gist_fast_config
+    return model

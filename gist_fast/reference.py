@@ -10,35 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def adapter(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Tensor,
-    w_up: Tensor,
-    b_up: Tensor,
-    scale: float,
-    base: Optional[Tensor] = None,
-    branch: Optional[Tensor] = None,
-) -> Tensor:
+def adapter(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: float,
+            base: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tensor:
     """out = base + branch + scale * (W_up GELU(W_down x + b_down) + b_up); base defaults to x."""
     out = F.linear(F.gelu(F.linear(x, w_down, b_down)), w_up, b_up) * scale
     out = out + (x if base is None else base)
     return out if branch is None else out + branch
 
 
-def adapter_norm(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Tensor,
-    w_up: Tensor,
-    b_up: Tensor,
-    scale: float,
-    norm_weight: Tensor,
-    norm_bias: Tensor,
-    eps: float = 1e-6,
-    base: Optional[Tensor] = None,
-    branch: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+def adapter_norm(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: float,
+                 norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-6,
+                 base: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The adapter above, plus LayerNorm(out) for the sub-layer that follows (a block's norm2)."""
     out = adapter(x, w_down, b_down, w_up, b_up, scale, base, branch)
     return out, F.layer_norm(out, out.shape[-1:], norm_weight, norm_bias, eps)

@@ -6,8 +6,6 @@ from torch import nn
 
 from gist_fast.patch import PatchConfig, patch, patch_config
 
-_COMPARED = ("peft", "gist", "rank", "scale", "channels")
-
 
 def trainable_state_dict(model: nn.Module) -> Dict[str, Any]:
     """{"gist_fast_config": how the model was patched, "state_dict": its trainable tensors}."""
@@ -24,8 +22,7 @@ def load_trainable_state_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> n
     saved = checkpoint["gist_fast_config"]
     if not hasattr(model, "gist_fast_config"):
         patch(model, **PatchConfig.from_dict(saved).patch_kwargs(), verbose=False)
-    here = patch_config(model)
-    differ = [f"{k}: model {here[k]!r} vs checkpoint {saved[k]!r}" for k in _COMPARED if here[k] != saved[k]]
+    differ = model.gist_fast_config.differences(saved)
     if differ:
         raise ValueError("the model is patched differently from the checkpoint: " + "; ".join(differ))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -210,3 +210,33 @@ def test_a_kind_is_one_registry_entry(monkeypatch):
     assert not torch.allclose(shifted, plain)  # the kind's forward is the one bound
     loaded = gist_fast.load_trainable_state_dict(tiny_vit(num_classes=5), gist_fast.trainable_state_dict(model))
     assert gist_fast.patch_config(loaded) == gist_fast.patch_config(model)
+
+
+@pytest.mark.parametrize("peft,gist,memory", [("adapter", True, "lean"), ("adapter", True, None),
+                                              ("adaptformer", False, "min"), ("ln", False, None),
+                                              ("channels", False, None)])
+def test_unpatch_gives_back_the_timm_model(peft, gist, memory):
+    """unpatch() after patch(): timm's outputs, structure and trainable set; patching again works."""
+    model = tiny_vit(num_classes=5)
+    model.pos_embed.requires_grad_(False)  # a user's own freezing comes back as it was
+    timm_copy = copy.deepcopy(model)
+    channels = [[0, 5, 7], [1, 2, 40]] if peft == "channels" else None
+    patched = gist_fast.patch(model, peft=peft, gist=gist, memory=memory, channels=channels, verbose=False)
+    assert gist_fast.unpatch(patched) is model
+    assert not hasattr(model, "gist_fast_config") and not hasattr(model, "gist_token")
+    assert model.state_dict().keys() == timm_copy.state_dict().keys()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+        {n: p.requires_grad for n, p in timm_copy.named_parameters()}
+    assert all("forward" not in b.__dict__ for b in model.blocks) and "forward" not in model.__dict__
+    x = images()
+    for mode in (True, False):
+        model.train(mode), timm_copy.train(mode)
+        torch.manual_seed(0)
+        expected = timm_copy(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    again = gist_fast.patch(model, peft=peft, gist=gist, memory=memory, channels=channels, verbose=False)
+    assert again.gist_fast_config == _patched_copy(timm_copy, peft=peft, gist=gist, memory=memory,
+                                                   channels=channels).gist_fast_config
+    with pytest.raises(ValueError, match="not patched"):
+        gist_fast.unpatch(gist_fast.unpatch(again))

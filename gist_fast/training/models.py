@@ -8,11 +8,7 @@ import torch
 from torch import nn
 
 import gist_fast
-from gist_fast.training.recipe import TrainConfig
-
-# framework -> (default peft kind, gist token)
-FRAMEWORK_PEFT = {"gist": ("adapter", True), "adapter": ("adapter", False), "idat": ("seq-adapter", False),
-                  "two-stage": ("ln", False), "linear": ("linear", False)}
+from gist_fast.training.recipe import FRAMEWORK_OPTIONS, FRAMEWORKS, TrainConfig
 
 
 class _LoadReport(logging.Handler):
@@ -72,8 +68,8 @@ def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: 
 
 
 def peft_of(cfg: TrainConfig):
-    peft, gist = FRAMEWORK_PEFT[cfg.framework]
-    if cfg.peft and cfg.framework not in ("two-stage", "linear"):
+    peft, gist = FRAMEWORKS[cfg.framework]
+    if cfg.peft and cfg.framework in FRAMEWORK_OPTIONS["peft"]:
         peft = cfg.peft
     return peft, gist
 

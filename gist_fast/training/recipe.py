@@ -7,7 +7,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-FRAMEWORKS = ("gist", "adapter", "idat", "two-stage", "linear")
+# framework -> (the PEFT kind it trains, whether the student has a Gist token)
+FRAMEWORKS = {"gist": ("adapter", True), "adapter": ("adapter", False), "idat": ("seq-adapter", False),
+              "two-stage": ("ln", False), "linear": ("linear", False)}
 AMP_MODES = ("bf16", "fp16", "none")
 FUSED_MODES = ("auto", "on", "off")
 MEMORY_MODES = ("auto", "lean", "min", "none")  # patch(memory=): "none" is None, the eager block

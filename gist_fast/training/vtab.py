@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from statistics import mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from gist_fast.training import checkpoint
+from gist_fast.training import checkpoint, distributed
 from gist_fast.training.data import VTAB_TEST, VTAB_TRAIN, DataError
 from gist_fast.training.loop import Stopped, train
 from gist_fast.training.recipe import RUNTIME_OPTIONS, VTAB_GROUPS, VTAB_TASKS, TrainConfig, option, resolve
@@ -118,7 +118,7 @@ def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: boo
                           stop.exit_code) from None
     summary = summarize(results)
     table = markdown(results, summary)
-    if int(os.environ.get("RANK", "0")):
+    if not distributed.is_main_process():
         return {"results": results, "summary": summary, "table": table}
     with open(os.path.join(base.output, "vtab.md"), "w") as f:
         f.write(table)
