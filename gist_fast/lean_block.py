@@ -22,26 +22,35 @@ local autograd graph whose backward is SDPA's own fused kernel), the adapter bot
 attention forward ("lean", ~+17% of a ViT-B step's FLOPs) or also fc1 ("min", ~+33%); timm's
 gradient checkpointing recomputes the whole block (~+50%) and saves x in fp32.
 
-Falls back to the block's ordinary (eager, fused-op) forward when the block is not the plain timm
-structure, when attention/projection/MLP dropout is active in training, when a frozen backbone
-weight requires grad, when an attention mask is passed, and under torch.compile (whose own
-rematerialisation then plans memory). DropPath in training is reproduced exactly: the per-sample
-masks are drawn by the block's own DropPath modules, in the same order and from the same RNG
-stream as the eager block, and saved (B numbers).
+The block math is stated once, as steps shared by the forward, the no-grad path and backward's
+recomputation (`_attention_branch`, the first residual, `_fc1`, `_mlp_branch`, `_second_residual`);
+the backward is the same steps in reverse. GIST and AdaptFormer differ in one step only, the first
+residual (`_GistResidual`: the fused adapter op; `_PlainResidual`: x + a and torch's LayerNorm).
+
+Decided once, by patch() (`unsupported_reason`, `bind`): whether the block's structure is one this path
+computes (timm's Attention and Linear-GELU-Linear MLP, affine LayerNorms, plain LayerScale); blocks it
+is not keep the kind's eager forward. Decided per call, falling back to that eager (fused-op) forward:
+memory="auto" on an input not on CUDA, attention/projection/MLP dropout active in training, a frozen
+backbone weight that requires grad, an adapter switched to fused=False, an attention mask, and
+torch.compile tracing (whose own rematerialisation then plans memory). DropPath in training is
+reproduced exactly: the per-sample masks are drawn by the block's own DropPath modules, in the same
+order and from the same RNG stream as the eager block, and saved (B numbers).
 """
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gist_fast.ops.adapter import adapter_bwd, adapter_fwd
+from gist_fast.peft import fusable_norm
 
 MEMORY_MODES = ("lean", "min")
 
 
 # ---------------------------------------------------------------------------------------------
-# Which blocks the lean path serves
+# Which blocks the lean path serves: decided once, at patch time
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
@@ -52,7 +61,8 @@ def _ls_gamma(ls: nn.Module) -> Optional[Tensor]:
 
 
 def unsupported_reason(block: nn.Module) -> Optional[str]:
-    """Why the lean path cannot serve this block (None when it can). Static checks only."""
+    """Why the lean path cannot compute this block (None when it can): its structure, which does not change
+    after patch(). Whether a frozen weight requires grad can, and is checked per call (`_falls_back`)."""
     from timm.layers import LayerScale, Mlp
     from timm.models.vision_transformer import Attention
 
@@ -68,25 +78,42 @@ def unsupported_reason(block: nn.Module) -> Optional[str]:
     for ls in (block.ls1, block.ls2):
         if not (isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)):
             return "unsupported LayerScale"
-    for norm in (block.norm1, block.norm2):
-        if not (isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1):
-            return "norms must be affine LayerNorms"
-    frozen = [attn, mlp, block.ls1, block.ls2]
-    if any(p.requires_grad for m in frozen for p in m.parameters()):
-        return "a backbone weight requires grad"
+    if not (fusable_norm(block.norm1) and fusable_norm(block.norm2)):
+        return "norms must be affine LayerNorms"
     return None
 
 
-def _dynamic_fallback(block: nn.Module, attn_kwargs: dict) -> bool:
-    if any(v is not None and v is not False for v in attn_kwargs.values()):
+def bind(block: nn.Module, kind, mode: str) -> functools.partial:
+    """The forward patch() binds to a block `unsupported_reason` accepts, for an adapter kind with a lean path
+    ("adapter": GIST, "adaptformer"): its first-residual step and its eager forward (the per-call fallback) are
+    chosen here, once. A functools.partial of module-level objects: a patched model stays picklable."""
+    return functools.partial(lean_forward, block, first=_FIRST_RESIDUAL[kind.name], fallback=kind.forward, mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per call: what can change between calls
+
+def _frozen_weights(block: nn.Module) -> Tuple[Optional[Tensor], ...]:
+    """The backbone tensors the lean path treats as constants (their gradients are never computed)."""
+    attn, mlp = block.attn, block.mlp
+    return (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, mlp.fc1.weight, mlp.fc1.bias,
+            mlp.fc2.weight, mlp.fc2.bias, _ls_gamma(block.ls1), _ls_gamma(block.ls2))
+
+
+def _falls_back(block: nn.Module, attn_kwargs: dict) -> bool:
+    """Whether this call takes the eager forward. Each reason can change after patch(): attention masks and
+    torch.compile tracing are per call; dropout is active only in training and its rate is a plain attribute;
+    requires_grad is a flag a user may set on a frozen weight to fine-tune it (the lean path would silently give
+    it no gradient); Adapter.fused is the adapter's own switch, which its eager forward also reads per call."""
+    if any(v is not None and v is not False for v in attn_kwargs.values()) or torch.compiler.is_compiling():
         return True
-    if torch.compiler.is_compiling():
+    if not block.adapter.fused:
         return True
     if block.training:
         drops = (block.attn.attn_drop, block.attn.proj_drop, block.mlp.drop1, block.mlp.drop2)
         if any(getattr(d, "p", 0.0) > 0 for d in drops):
             return True
-    return False
+    return any(t is not None and t.requires_grad for t in _frozen_weights(block))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -96,29 +123,41 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _drop_mask(dp: nn.Module, like: Tensor, training: bool) -> Optional[Tensor]:
-    """DropPath's per-sample mask (already divided by keep_prob), drawn exactly as timm draws it."""
-    if isinstance(dp, nn.Identity) or not training or getattr(dp, "drop_prob", 0.0) == 0.0:
-        return None
-    return dp(like.new_ones((like.shape[0],) + (1,) * (like.ndim - 1)))
+def _drop_path_masks(block: nn.Module, x: Tensor, dt: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """DropPath's per-sample masks (already divided by keep_prob) for the attention and the MLP branch, drawn as
+    the eager block draws them: by the block's own DropPath modules, in that order, from the same RNG stream.
+    Per call: training flips, and drop_prob is a plain attribute (stochastic-depth schedules change it)."""
+    if not block.training:
+        return None, None
+    ones = x.new_ones((x.shape[0], 1, 1), dtype=dt)
+    return tuple(None if isinstance(dp, nn.Identity) or getattr(dp, "drop_prob", 0.0) == 0.0 else dp(ones)
+                 for dp in (block.drop_path1, block.drop_path2))
+
+
+def lean_forward(block: nn.Module, x: Tensor, *, first, fallback, mode: str, **attn_kwargs) -> Tensor:
+    """A block's forward as `bind` binds it: the lean block, or `fallback(block, x, **attn_kwargs)` for this call."""
+    # "auto" resolves from the input, not at patch(): models are patched on the CPU and then moved (gist-fast bench
+    # and train do), so only the call knows where the block runs.
+    mode = ("lean" if x.is_cuda else None) if mode == "auto" else mode
+    if mode is None or _falls_back(block, attn_kwargs):
+        return fallback(block, x, **attn_kwargs)
+    dt = _compute_dtype(x)
+    ad, n1, n2 = block.adapter, block.norm1, block.norm2
+    wts = (ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias)
+    norms = (n1.weight, n1.bias, n2.weight, n2.bias)
+    masks = _drop_path_masks(block, x, dt)
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in wts + norms)):
+        return _LeanBlock.apply(x, *wts, *norms, block, first, mode, dt, masks)
+    with torch.no_grad():
+        return _block_forward(block, first, x, x.to(dt), wts, norms, dt, masks)[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# The block math, shared by forward, the no-grad path and backward's recomputation
+# The block math, once: shared by the forward, the no-grad path and backward's recomputation.
+# Every step runs with autocast off, in the compute dtype dt; x, x1 and y keep the residual dtype.
 
 def _w(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
-
-
-def _attention(block, h1: Tensor, dt) -> Tensor:
-    """proj(SDPA(qkv(h1))) in dtype dt; differentiable in h1 (frozen weights)."""
-    attn = block.attn
-    B, N, _ = h1.shape
-    qkv = F.linear(h1, _w(attn.qkv.weight, dt), _w(attn.qkv.bias, dt))
-    q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    return F.linear(o, _w(attn.proj.weight, dt), _w(attn.proj.bias, dt))
 
 
 def _ln(t: Tensor, norm: nn.LayerNorm, weight: Tensor, bias: Tensor) -> Tensor:
@@ -126,6 +165,7 @@ def _ln(t: Tensor, norm: nn.LayerNorm, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def _scaled(t: Tensor, gamma: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """LayerScale then the DropPath mask (either may be absent)."""
     if gamma is not None:
         t = t * gamma.to(t.dtype)
     if mask is not None:
@@ -133,144 +173,166 @@ def _scaled(t: Tensor, gamma: Optional[Tensor], mask: Optional[Tensor]) -> Tenso
     return t
 
 
+def _attention_branch(block, x: Tensor, n1w: Tensor, n1b: Tensor, dt, mask1: Optional[Tensor]) -> Tensor:
+    """a = DP1(LS1(proj(SDPA(qkv(LN1 x))))), x (B, N, D) in dt; differentiable in x and the LN1 affine."""
+    attn = block.attn
+    B, N, _ = x.shape
+    qkv = F.linear(_ln(x, block.norm1, n1w, n1b), _w(attn.qkv.weight, dt), _w(attn.qkv.bias, dt))
+    q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    return _scaled(F.linear(o, _w(attn.proj.weight, dt), _w(attn.proj.bias, dt)), _ls_gamma(block.ls1), mask1)
+
+
+def _fc1(block, h2: Tensor, dt) -> Tensor:
+    """u = fc1(h2), the MLP pre-activation ("lean" saves it)."""
+    return F.linear(h2.to(dt), _w(block.mlp.fc1.weight, dt), _w(block.mlp.fc1.bias, dt))
+
+
+def _mlp_branch(block, u: Tensor, dt, mask2: Optional[Tensor], shape) -> Tensor:
+    """m = DP2(LS2(fc2(GELU(u)))), flat (M, D)."""
+    m = F.linear(F.gelu(u), _w(block.mlp.fc2.weight, dt), _w(block.mlp.fc2.bias, dt))
+    return _scaled(m.view(shape), _ls_gamma(block.ls2), mask2).reshape(-1, shape[-1])
+
+
+def _second_residual(block, x1: Tensor, m: Tensor, wts, dt) -> Tensor:
+    """y = x1 + m + s A(x1) (the fused op), flat."""
+    return adapter_fwd(x1.contiguous(), *wts, block.adapter.scale, None, m, None, None, 0.0, dt)[0]
+
+
+class _GistResidual:
+    """GIST's first residual and LN2 in one fused op: x1 = x + a + s A(x), h2 = LN2(x1)."""
+
+    @staticmethod
+    def forward(block, x: Tensor, a: Tensor, wts, n2, dt, need_h2: bool = True):
+        """(x1, h2, what backward needs: LN2's mean and rstd); x, a flat (M, D). h2 comes with the op."""
+        x1, h2, mean, rstd = adapter_fwd(x.contiguous(), *wts, block.adapter.scale, None, a, *n2, block.norm2.eps, dt)
+        return x1, h2, (mean, rstd)
+
+    @staticmethod
+    def backward(block, g_x1, dh2, x, x1, state, wts, n2, dt, g_w2):
+        """From the gradients reaching x1 and h2: (grad x, grad a, the adapter weight gradients with the second
+        application's g_w2 added, the LN2 affine gradients)."""
+        mean, rstd = state
+        g_x, g_a, *g_w1, g_n2w, g_n2b = adapter_bwd(
+            g_x1.contiguous(), dh2.to(x1.dtype).contiguous(), x, *wts[:3], block.adapter.scale, x1, n2[0], mean, rstd,
+            True, dt)
+        return g_x, g_a, [g1 + g2 for g1, g2 in zip(g_w1, g_w2)], (g_n2w, g_n2b)
+
+
+class _PlainResidual:
+    """AdaptFormer's first residual, no adapter: x1 = x + a, h2 = LN2(x1) (torch's LayerNorm)."""
+
+    @staticmethod
+    def forward(block, x: Tensor, a: Tensor, wts, n2, dt, need_h2: bool = True):
+        """(x1, h2 or None where not needed, no state); x, a flat (M, D)."""
+        x1 = x + a.to(torch.promote_types(x.dtype, dt))
+        return x1, _ln(x1.to(dt), block.norm2, *n2) if need_h2 else None, None
+
+    @staticmethod
+    def backward(block, g_x1, dh2, x, x1, state, wts, n2, dt, g_w2):
+        """As _GistResidual.backward: LN2 by autograd on a recomputed local graph; grad x = grad a; the adapter
+        weight gradients are the second application's alone."""
+        with torch.enable_grad():
+            x1_leaf = x1.detach().requires_grad_()
+            h2 = _ln(x1_leaf.to(dt), block.norm2, *n2)
+        g_ln, g_n2 = _grads(h2, dh2.to(h2.dtype), x1_leaf, n2)
+        g = g_x1 + g_ln
+        return g, g, g_w2, g_n2
+
+
+_FIRST_RESIDUAL = {"adapter": _GistResidual, "adaptformer": _PlainResidual}
+
+
+def _block_forward(block, first, x: Tensor, xc: Tensor, wts, norms, dt, masks):
+    """(y, u): the block on x (xc: x in dt) and its MLP pre-activation; no autograd (called under no_grad or
+    inside Function.forward)."""
+    B, N, D = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        a = _attention_branch(block, xc, *norms[:2], dt, masks[0])
+        x1, h2, _ = first.forward(block, x.reshape(-1, D), a.reshape(-1, D), wts, norms[2:], dt)
+        u = _fc1(block, h2, dt)
+        y = _second_residual(block, x1, _mlp_branch(block, u, dt, masks[1], x.shape), wts, dt)
+    return y.view(B, N, D), u
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: recompute the front of the block, then the steps in reverse
+
+class _Replay(NamedTuple):
+    x_leaf: Tensor      # the saved x in dt, the leaf of the attention graph
+    a: Tensor           # the attention branch, with its graph to x_leaf and the LN1 affine
+    x: Tensor           # x flat in the residual dtype
+    x1: Tensor          # the first residual's output
+    state: object       # the first residual step's own (GIST: LN2 mean and rstd)
+    u: Tensor           # fc1(h2), saved ("lean") or recomputed ("min")
+
+
+def _grads(out: Tensor, grad: Tensor, leaf: Tensor, params: Sequence[Tensor]):
+    """(d out/d leaf, (d out/d p for each p of params: None where p does not require grad)), given grad."""
+    trainable = [p for p in params if p.requires_grad]
+    g_leaf, *g = torch.autograd.grad(out, [leaf] + trainable, grad)
+    it = iter(g)
+    return g_leaf, tuple(next(it) if p.requires_grad else None for p in params)
+
+
+def _recompute(block, first, xc: Tensor, u: Optional[Tensor], wts, norms, dt, mask1, res_dtype) -> _Replay:
+    """The block's front again from the saved x (and u): the attention branch as a local autograd graph, the
+    first residual, and fc1 unless u was saved."""
+    with torch.enable_grad():
+        x_leaf = xc.detach().requires_grad_()
+        a = _attention_branch(block, x_leaf, *norms[:2], dt, mask1)
+    D = xc.shape[-1]
+    x = xc.to(res_dtype).reshape(-1, D)
+    x1, h2, state = first.forward(block, x, a.detach().reshape(-1, D), wts, norms[2:], dt, need_h2=u is None)
+    return _Replay(x_leaf, a, x, x1, state, _fc1(block, h2, dt) if u is None else u)
+
+
+def _second_residual_backward(block, dy: Tensor, x1: Tensor, wts, dt):
+    """y = x1 + m + s A(x1): (the gradient reaching x1, the adapter's weight gradients); m's gradient is dy."""
+    g_x1, _, *g_w, _, _ = adapter_bwd(dy.contiguous(), None, x1, *wts[:3], block.adapter.scale, None, None, None,
+                                      None, True, dt)
+    return g_x1, g_w
+
+
+def _mlp_backward(block, dy: Tensor, u: Tensor, mask2, dt, shape) -> Tensor:
+    """m = DP2(LS2(fc2(GELU(u)))), u = fc1(h2): the gradient reaching h2 (frozen weights: input gradients only)."""
+    dm = _scaled(dy.view(shape), _ls_gamma(block.ls2), mask2).reshape(-1, shape[-1]).to(dt)
+    dg = dm @ _w(block.mlp.fc2.weight, dt)
+    return torch.ops.aten.gelu_backward(dg, u) @ _w(block.mlp.fc1.weight, dt)
+
+
+def _attention_backward(r: _Replay, g_x: Tensor, g_a: Tensor, n1, res_dtype):
+    """x's total gradient (g_x, from the residual and the adapter, plus the attention branch's) and LN1's."""
+    g_leaf, g_n1 = _grads(r.a, g_a.view(r.a.shape).to(r.a.dtype), r.x_leaf, n1)
+    return g_x.view(r.a.shape).to(res_dtype) + g_leaf.to(res_dtype), g_n1
+
+
 class _LeanBlock(torch.autograd.Function):
     """One GIST/AdaptFormer block; saves x (and u in "lean") in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, n1w, n1b, n2w, n2b, block, gist, mode, dt, masks):
-        y, saved = _block_forward(block, x, (w_down, b_down, w_up, b_up), (n1w, n1b, n2w, n2b), gist, mode, dt, masks)
-        ctx.block, ctx.gist, ctx.mode, ctx.dt, ctx.masks = block, gist, mode, dt, masks
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(saved["xc"], saved.get("u"), w_down, b_down, w_up, b_up, n1w, n1b, n2w, n2b)
+    def forward(ctx, x, w_down, b_down, w_up, b_up, n1w, n1b, n2w, n2b, block, first, mode, dt, masks):
+        wts, norms = (w_down, b_down, w_up, b_up), (n1w, n1b, n2w, n2b)
+        xc = x.to(dt)
+        y, u = _block_forward(block, first, x, xc, wts, norms, dt, masks)
+        ctx.block, ctx.first, ctx.dt, ctx.masks, ctx.x_dtype = block, first, dt, masks, x.dtype
+        ctx.save_for_backward(xc, u if mode == "lean" else None, *wts, *norms)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xc, u, w_down, b_down, w_up, b_up, n1w, n1b, n2w, n2b = ctx.saved_tensors
-        block, dt, (mask1, mask2) = ctx.block, ctx.dt, ctx.masks
-        need = ctx.needs_input_grad
-        B, N, D = xc.shape
+        xc, u, *params = ctx.saved_tensors
+        wts, n1, n2 = tuple(params[:4]), tuple(params[4:6]), tuple(params[6:])
+        block, first, dt, (mask1, mask2) = ctx.block, ctx.first, ctx.dt, ctx.masks
         res_dtype = torch.promote_types(ctx.x_dtype, dt)
-        scale = block.adapter.scale
-        wts = (w_down, b_down, w_up, b_up)
         with torch.autocast(xc.device.type, enabled=False):
-            # recompute the attention branch as a local graph x -> LN1 -> qkv -> SDPA -> proj
-            with torch.enable_grad():
-                x_leaf = xc.detach().requires_grad_()
-                norm1_params = [t for t in (n1w, n1b) if t.requires_grad]
-                a = _scaled(_attention(block, _ln(x_leaf, block.norm1, n1w, n1b), dt), _ls_gamma(block.ls1), mask1)
-            xr = xc.to(res_dtype).reshape(-1, D)
-            a_flat = a.detach().reshape(-1, D)
-            if ctx.gist:
-                x1, h2, mean2, rstd2 = adapter_fwd(xr, *wts, scale, None, a_flat, n2w, n2b, block.norm2.eps, dt)
-            else:
-                x1 = xr + a_flat.to(res_dtype)
-                h2 = None
-            if u is None:
-                if h2 is None:
-                    h2 = _ln(x1.to(dt), block.norm2, n2w, n2b)
-                u = F.linear(h2.to(dt), _w(block.mlp.fc1.weight, dt), _w(block.mlp.fc1.bias, dt))
-            else:
-                u = u.reshape(-1, u.shape[-1])
-            dy = dy.reshape(-1, D)
-            # second adapter: y = x1 + m + s A(x1)
-            g_x1, _, g_wd2, g_bd2, g_wu2, g_bu2, _, _ = adapter_bwd(
-                dy.contiguous(), None, x1, w_down, b_down, w_up, scale, None, None, None, None, True, dt)
-            # MLP: m = DP2(LS2(fc2(GELU(u))))  ->  dh2
-            dm = _scaled(dy.view(B, N, D), _ls_gamma(block.ls2), mask2).reshape(-1, D).to(dt)
-            dg = dm @ _w(block.mlp.fc2.weight, dt)
-            dh2 = torch.ops.aten.gelu_backward(dg, u) @ _w(block.mlp.fc1.weight, dt)
-            # first adapter + LN2: x1 = x + a + s A(x), h2 = LN2(x1)
-            if ctx.gist:
-                g_x, g_a, g_wd1, g_bd1, g_wu1, g_bu1, g_n2w, g_n2b = adapter_bwd(
-                    g_x1.contiguous(), dh2.to(h2.dtype).contiguous(), xr, w_down, b_down, w_up, scale,
-                    x1, n2w, mean2, rstd2, True, dt)
-            else:
-                with torch.enable_grad():
-                    x1_leaf = x1.detach().requires_grad_()
-                    n2_params = [t for t in (n2w, n2b) if t.requires_grad]
-                    h2g = _ln(x1_leaf.to(dt), block.norm2, n2w, n2b)
-                grads = torch.autograd.grad(h2g, [x1_leaf] + n2_params, dh2.to(h2g.dtype))
-                g_a = g_x1 + grads[0]
-                g_x = g_a
-                g_n2w = g_n2b = None
-                if n2_params:
-                    it = iter(grads[1:])
-                    g_n2w = next(it) if n2w.requires_grad else None
-                    g_n2b = next(it) if n2b.requires_grad else None
-            # attention branch
-            grads = torch.autograd.grad(a, [x_leaf] + norm1_params, g_a.view(B, N, D).to(a.dtype))
-            g_x = g_x.view(B, N, D).to(res_dtype) + grads[0].to(res_dtype)
-        g_n1w = g_n1b = None
-        it = iter(grads[1:])
-        if n1w.requires_grad:
-            g_n1w = next(it)
-        if n1b.requires_grad:
-            g_n1b = next(it)
-        g_w = [None] * 4
-        if ctx.gist:
-            g_w = [g1 + g2 for g1, g2 in zip((g_wd1, g_bd1, g_wu1, g_bu1), (g_wd2, g_bd2, g_wu2, g_bu2))]
-        else:
-            g_w = [g_wd2, g_bd2, g_wu2, g_bu2]
-        g_w = [g.to(p.dtype) if n else None for g, p, n in zip(g_w, wts, need[1:5])]
-        if ctx.gist:
-            g_n2w = g_n2w.to(n2w.dtype) if need[7] else None
-            g_n2b = g_n2b.to(n2b.dtype) if need[8] else None
-        return (g_x.to(ctx.x_dtype), *g_w, g_n1w, g_n1b, g_n2w, g_n2b, None, None, None, None, None)
-
-
-def _block_forward(block, x, wts, norms, gist, mode, dt, masks):
-    """y and the tensors to save; no autograd (called under no_grad or inside Function.forward)."""
-    n1w, n1b, n2w, n2b = norms
-    mask1, mask2 = masks
-    B, N, D = x.shape
-    scale = block.adapter.scale
-    with torch.autocast(x.device.type, enabled=False):
-        xc = x.to(dt)
-        a = _scaled(_attention(block, _ln(xc, block.norm1, n1w, n1b), dt), _ls_gamma(block.ls1), mask1)
-        xf = x.reshape(-1, D)
-        if gist:
-            x1, h2, _, _ = adapter_fwd(xf.contiguous(), *wts, scale, None, a.reshape(-1, D),
-                                       n2w, n2b, block.norm2.eps, dt)
-        else:
-            x1 = xf + a.reshape(-1, D).to(torch.promote_types(x.dtype, dt))
-            h2 = _ln(x1.to(dt), block.norm2, n2w, n2b)
-        u = F.linear(h2.to(dt), _w(block.mlp.fc1.weight, dt), _w(block.mlp.fc1.bias, dt))
-        m = F.linear(F.gelu(u), _w(block.mlp.fc2.weight, dt), _w(block.mlp.fc2.bias, dt))
-        m = _scaled(m.view(B, N, D), _ls_gamma(block.ls2), mask2).reshape(-1, D)
-        y, _, _, _ = adapter_fwd(x1.contiguous(), *wts, scale, None, m, None, None, 0.0, dt)
-    saved = {"xc": xc}
-    if mode == "lean":
-        saved["u"] = u.view(B, N, -1)
-    return y.view(B, N, D), saved
-
-
-def lean_forward(block: nn.Module, x: Tensor, fallback, gist: bool, mode: str, attn_kwargs: dict) -> Tensor:
-    """The lean block forward, or `fallback(block, x, **attn_kwargs)` where it does not apply."""
-    if mode == "auto":  # lean where activations limit the batch (CUDA); on CPU compute does
-        if x.device.type != "cuda":
-            return fallback(block, x, **attn_kwargs)
-        mode = "lean"
-    if not block.adapter.fused or _dynamic_fallback(block, attn_kwargs) or unsupported_reason(block) is not None:
-        return fallback(block, x, **attn_kwargs)
-    dt = _compute_dtype(x)
-    ad = block.adapter
-    wts = (ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias)
-    norms = (block.norm1.weight, block.norm1.bias, block.norm2.weight, block.norm2.bias)
-    like = x.new_empty((x.shape[0], 1, 1), dtype=dt)
-    mask1 = _drop_mask(block.drop_path1, like, block.training)
-    mask2 = _drop_mask(block.drop_path2, like, block.training)
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(t.requires_grad for t in wts + norms)):
-        with torch.no_grad():
-            return _block_forward(block, x, wts, norms, gist, mode, dt, (mask1, mask2))[0]
-    return _LeanBlock.apply(x, *wts, *norms, block, gist, mode, dt, (mask1, mask2))
-
-
-def block_forward(self, x: Tensor, *, peft: str, mode: str, **attn_kwargs) -> Tensor:
-    """The forward patch() binds to a block (functools.partial: a patched model stays picklable): the lean
-    path for "adapter" (GIST) and "adaptformer", with the eager forward of gist_fast.peft as the fallback."""
-    from gist_fast.peft import KINDS
-
-    return lean_forward(self, x, KINDS[peft].forward, peft == "adapter", mode, attn_kwargs)
-
-
+            r = _recompute(block, first, xc, u, wts, n1 + n2, dt, mask1, res_dtype)
+            dy = dy.reshape(-1, xc.shape[-1])
+            g_x1, g_w2 = _second_residual_backward(block, dy, r.x1, wts, dt)
+            dh2 = _mlp_backward(block, dy, r.u, mask2, dt, xc.shape)
+            g_x, g_a, g_w, g_n2 = first.backward(block, g_x1, dh2, r.x, r.x1, r.state, wts, n2, dt, g_w2)
+            g_x, g_n1 = _attention_backward(r, g_x, g_a, n1, res_dtype)
+        grads = [g.to(p.dtype) if need and g is not None else None
+                 for g, p, need in zip((*g_w, *g_n1, *g_n2), params, ctx.needs_input_grad[1:9])]
+        return (g_x.to(ctx.x_dtype), *grads, None, None, None, None, None)

@@ -1,13 +1,15 @@
 """timm ViT surgery: insert the Gist token and the PEFT modules, freeze the rest, rebind forwards (as
 functools.partial of module-level functions, which pickle: torch.save(model) / copy.deepcopy work)."""
 import functools
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from gist_fast.lean_block import MEMORY_MODES, block_forward
+from gist_fast import lean_block
+from gist_fast.lean_block import MEMORY_MODES
 from gist_fast.peft import KINDS
 
 PEFT_KINDS = tuple(KINDS)
@@ -217,16 +219,29 @@ def _freeze(model: nn.Module) -> None:
 
 
 def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) -> str:
-    """Each block's PEFT module and forward, chosen here once: the lean block where the configuration asks for
-    it, the kind's eager forward otherwise (timm's own for kinds without one). Returns the path taken."""
+    """Each block's PEFT module and forward, chosen here once (`_block_forward`). Returns the paths taken, with a
+    count each where blocks differ."""
+    paths = []
     for i, block in enumerate(model.blocks):
         if kind.make is not None:
             setattr(block, kind.module, kind.make(config, model.embed_dim, i).to(**like))
-        if config.memory is not None:
-            block.forward = functools.partial(block_forward, block, peft=kind.name, mode=config.memory)
-        elif kind.forward is not None:
-            block.forward = functools.partial(kind.forward, block)
-    return f"lean({config.memory})" if config.memory else "eager" if kind.forward else "timm"
+        forward, path = _block_forward(block, kind, config)
+        if forward is not None:
+            block.forward = forward
+        paths.append(path)
+    counts = Counter(paths)
+    return paths[0] if len(counts) == 1 else ", ".join(f"{n}x {p}" for p, n in counts.items())
+
+
+def _block_forward(block: nn.Module, kind, config: PatchConfig):
+    """(forward, path): the lean block where the configuration asks for it and the block's structure allows it
+    (lean_block.unsupported_reason), the kind's eager forward otherwise, None for timm's own."""
+    refused = lean_block.unsupported_reason(block) if config.memory is not None else None
+    if config.memory is not None and refused is None:
+        return lean_block.bind(block, kind, config.memory), f"lean({config.memory})"
+    if kind.forward is None:
+        return None, "timm"
+    return functools.partial(kind.forward, block), f"eager (not lean: {refused})" if refused else "eager"
 
 
 def _add_gist_token(model: nn.Module, like: dict) -> None:

@@ -9,6 +9,11 @@ from torch import Tensor, nn
 from gist_fast import ops, reference
 
 
+def fusable_norm(norm: nn.Module) -> bool:
+    """Whether the fused ops (and the lean block) compute this norm: an affine LayerNorm over the last dimension."""
+    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter applied residually: forward(x, branch) = x + branch + scale * A(x),
     A(x) = W_up GELU(W_down x + b_down) + b_up (exact GELU). Fused into one op when `fused`."""
@@ -28,9 +33,9 @@ class Adapter(nn.Module):
         fn = ops.adapter if self.fused else reference.adapter
         return fn(x, *self._weights(), branch=branch)
 
-    def forward_norm(self, x: Tensor, norm: nn.LayerNorm, branch: Optional[Tensor] = None):
-        """(out, norm(out)) with out = forward(x, branch); one pass when fused."""
-        if not self.fused:
+    def forward_norm(self, x: Tensor, norm: nn.Module, branch: Optional[Tensor] = None):
+        """(out, norm(out)) with out = forward(x, branch); one pass when fused and `norm` is fusable."""
+        if not (self.fused and fusable_norm(norm)):
             out = self.forward(x, branch)
             return out, norm(out)
         return ops.adapter_norm(x, *self._weights(), norm.weight, norm.bias, norm.eps, branch=branch)
@@ -63,18 +68,9 @@ def _mlp(block, normed: Tensor) -> Tensor:
     return block.drop_path2(block.ls2(block.mlp(normed)))
 
 
-def _fusable_norm(norm: nn.Module) -> bool:
-    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
-
-
 def gist_adapter_forward(self, x: Tensor, **attn_kwargs) -> Tensor:
     """GIST: x' = x + DP(MHSA(LN1 x)) + A(x);  y = x' + DP(MLP(LN2 x')) + A(x'), one shared adapter."""
-    attn = _attn(self, x, attn_kwargs)
-    if _fusable_norm(self.norm2):
-        x, normed = self.adapter.forward_norm(x, self.norm2, branch=attn)
-    else:
-        x = self.adapter(x, branch=attn)
-        normed = self.norm2(x)
+    x, normed = self.adapter.forward_norm(x, self.norm2, branch=_attn(self, x, attn_kwargs))
     return self.adapter(x, branch=_mlp(self, normed))
 
 
