@@ -47,10 +47,10 @@ stage() {  # stage NAME BUDGET FILE COMMAND...: COMMAND for at most BUDGET s, ou
 
 device_info() {  # device_info BUDGET: the GPU, versions and SHA in $OUT/device.txt
   stage device "$1" "$OUT/device.txt" bash -c 'nvidia-smi; "$@"' device "$PYTHON" -c 'import json, torch
-from gist_fast.bench import device_slug, environment
+from gist_fast.bench_harness import device_slug, environment
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(json.dumps(environment(device), indent=1))
-print("commit these results under benchmarks/results/" + device_slug(device))'
+print("add results.csv to benchmarks/results/" + device_slug(device) + " (benchmarks/README.md)")'
 }
 
 install() {  # install BUDGET: gist_fast without the C++ extension (the GPU runs the Triton kernels)
