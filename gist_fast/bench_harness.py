@@ -154,7 +154,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"cpu: {_cpu_model()}, {threads} thread{'' if threads == 1 else 's'}"
+    return f"cpu: {_cpu_model()} ({os.cpu_count()} cores), {threads} thread{'' if threads == 1 else 's'}"
 
 
 def device_slug(device: torch.device) -> str:

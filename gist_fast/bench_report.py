@@ -10,6 +10,7 @@ In every table, ms is the median (p50) with ± half the p20–p80 spread, relati
 """
 import math
 import os
+import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gist_fast.bench_harness import RESULTS_CSV, Row, latest, parse_config, read_rows
@@ -79,11 +80,22 @@ def _environment_lines(rows: Sequence[Row]) -> List[str]:
         when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
         lines.append(f"- {env[0]}; torch {env[1]}, triton {env[2]}, timm {env[3]}; git {env[4]}; {when}")
     methods = _unique(r.method.split(",")[0] for r in rows if r.metric == "ms" and r.method)
-    loads = sorted(float(m.rsplit("load ", 1)[1]) for m in (r.method for r in rows) if ", load " in m)
     if methods:
-        lines.append(f"- timing: {', '.join(methods)}, after untimed warm-up calls"
-                     + (f"; CPU load average (1 min) while timing: {_span(loads)}" if loads else ""))
+        lines.append(f"- timing: {', '.join(methods)}, after untimed warm-up calls" + _load_note(rows))
     return lines
+
+
+def _load_note(rows: Sequence[Row]) -> str:
+    """The CPU load while timing, and whether other processes shared the machine (load beyond the
+    benchmark's own threads)."""
+    loads = sorted(float(m.group(1)) for m in (re.search(r", load ([0-9.]+)", r.method) for r in rows) if m)
+    if not loads:
+        return ""
+    threads = [int(m.group(1)) for m in (re.search(r"(\d+) threads?$", r.device) for r in rows) if m]
+    shared = threads and loads[-1] > max(threads) + 0.5
+    return (f"; 1-minute load average while timing {_span(loads)}"
+            + (": other processes shared the cores, so compare within a table (providers are timed "
+               "interleaved), not across runs" if shared else ""))
 
 
 def _table(header: Sequence[str], body: Iterable[Sequence[str]], numeric_from: int) -> List[str]:
@@ -316,15 +328,21 @@ def _band(ax, points: List[Tuple[float, Row]], label: str, **style) -> None:
     ax.fill_between(xs, lo, hi, alpha=0.2, color=ax.lines[-1].get_color())
 
 
-def _x_ticks(ax, rows: Sequence[Row]) -> None:
-    """Log x axis with a plain label at every size measured."""
-    from matplotlib.ticker import NullFormatter, NullLocator
+def _axes(ax, rows: Sequence[Row], log_y: bool) -> None:
+    """Log x with a plain label at every size measured; log y (if asked) with plain labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     xs = sorted({r.x_value for r in rows})
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(xs, [_x(x) for x in xs], fontsize=7)
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="y", labelsize=7)
 
 
 def _label(config: str) -> str:
@@ -353,7 +371,7 @@ def _train_plots(plt, rows: Sequence[Row], out: str) -> List[str]:
         for impl in _unique(r.provider for r in rows):
             pts = [(r.x_value, r) for r in rows if (r.config, r.provider, r.metric) == (config, impl, "img_per_s")]
             _band(ax, pts, impl)
-        _x_ticks(ax, [r for r in rows if r.config == config and r.metric == "img_per_s"])
+        _axes(ax, [r for r in rows if r.config == config and r.metric == "img_per_s"], log_y=False)
         ax.set(title=_label(config), xlabel="batch", ylabel="images / s (p50, p20–p80 band)")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
@@ -389,8 +407,7 @@ def _op_plot(plt, op: str, rows: Sequence[Row], out: str) -> str:
                 pts = [(r.x_value, r) for r in timed if (r.config, r.mode, r.provider) == (config, mode, p)]
                 _band(ax, pts, p, color=colors[p],
                       linestyle="--" if p == "floor" else "-")
-            _x_ticks(ax, [r for r in timed if r.config == config])
-            ax.set_yscale("log")
+            _axes(ax, [r for r in timed if r.config == config], log_y=True)
             ax.set(title=f"{_label(config)}: {mode}",
                    xlabel=timed[0].x_name, ylabel="ms")
             ax.title.set_fontsize(8)
