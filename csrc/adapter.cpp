@@ -1,4 +1,5 @@
-// C++ CPU kernels of the fused adapter op (the autograd formula lives in gist_fast/ops/adapter.py):
+// C++ CPU kernels of the fused adapter op: the CPU implementations of gist_fast::adapter_fwd / adapter_bwd,
+// whose schemas, autograd formula and fake implementation live in gist_fast/ops/adapter.py:
 //
 //   out    = base + branch + scale * (GELU(x W_d^T + b_d) W_u^T + b_u)      base defaults to x
 //   normed = LayerNorm(out)                                                (optional, e.g. norm2)
@@ -134,7 +135,8 @@ void check_weights(const Tensor& x, const Tensor& w_down, const Tensor& b_down, 
 std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_fwd_cpu(
     const Tensor& x_in, const Tensor& w_down, const Tensor& b_down, const Tensor& w_up, const Tensor& b_up,
     double scale, const std::optional<Tensor>& base_in, const std::optional<Tensor>& branch_in,
-    const std::optional<Tensor>& norm_weight, const std::optional<Tensor>& norm_bias, double eps) {
+    const std::optional<Tensor>& norm_weight, const std::optional<Tensor>& norm_bias, double eps,
+    std::optional<at::ScalarType> /*dot_dtype: fp32 math, bf16 GEMMs for bf16 x, whatever autocast asks*/) {
   check_weights(x_in, w_down, b_down, w_up);
   const int64_t rows = x_in.size(0), dim = x_in.size(1), rank = w_down.size(0);
   check_rows(x_in, "x", x_in.sizes());
@@ -265,7 +267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     const Tensor& grad_out_in, const std::optional<Tensor>& grad_normed_in, const Tensor& x_in,
     const Tensor& w_down, const Tensor& b_down, const Tensor& w_up, double scale,
     const std::optional<Tensor>& out_in, const std::optional<Tensor>& norm_weight,
-    const std::optional<Tensor>& mean_in, const std::optional<Tensor>& rstd_in, bool x_is_base) {
+    const std::optional<Tensor>& mean_in, const std::optional<Tensor>& rstd_in, bool x_is_base,
+    std::optional<at::ScalarType> /*dot_dtype, as in the forward*/) {
   check_weights(x_in, w_down, b_down, w_up);
   const int64_t rows = x_in.size(0), dim = x_in.size(1), rank = w_down.size(0);
   check_rows(x_in, "x", x_in.sizes());
@@ -417,18 +420,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   return {grad_x, grad_residual, g_wd, g_bd, g_wu, g_bu, g_nw, g_nb};
 }
 
-TORCH_LIBRARY_FRAGMENT(gist_fast, m) {
-  m.def("adapter_fwd_cpu(Tensor x, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, float scale, "
-        "Tensor? base, Tensor? branch, Tensor? norm_weight, Tensor? norm_bias, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("adapter_bwd_cpu(Tensor grad_out, Tensor? grad_normed, Tensor x, Tensor w_down, Tensor b_down, "
-        "Tensor w_up, float scale, Tensor? out, Tensor? norm_weight, Tensor? mean, Tensor? rstd, bool x_is_base) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The CPU kernels of the ops gist_fast/ops/adapter.py defines (the dispatcher checks these signatures
+// against that schema; gist_fast/ops/_backend.py says why they load first).
 TORCH_LIBRARY_IMPL(gist_fast, CPU, m) {
-  m.impl("adapter_fwd_cpu", &adapter_fwd_cpu);
-  m.impl("adapter_bwd_cpu", &adapter_bwd_cpu);
+  m.impl("adapter_fwd", &adapter_fwd_cpu);
+  m.impl("adapter_bwd", &adapter_bwd_cpu);
 }
 
 }  // namespace gist_fast

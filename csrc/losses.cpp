@@ -1,4 +1,5 @@
-// C++ CPU kernels of the fused losses (the autograd formula lives in gist_fast/ops/losses.py).
+// C++ CPU kernels of the fused losses: the CPU implementations of gist_fast::pair_loss / pair_loss_bwd, whose
+// schemas, autograd formula and fake implementation live in gist_fast/ops/losses.py.
 //
 // Per row b of two logit sets a, b (B, C) with target t, σ_T = softmax(z / T), p = σ_T(a), q = σ_T(b):
 //   GIST     rows = CE(a) + w_g CE(b) + w_kl (KL(p||q) + KL(q||p))        (a = z_cls, b = z_gist)
@@ -234,55 +235,61 @@ void scale_rows_impl(const T* g, const float* s, T* out, int64_t rows, int64_t c
 
 }  // namespace
 
-// GIST loss rows (B,) fp32 and, when compute_grad, their gradients into logits and gist_logits.
-std::tuple<Tensor, Tensor, Tensor> gist_loss_fwd_cpu(const Tensor& logits, const Tensor& gist_logits, const Tensor& target,
-                                                     double gist_weight, double kl_weight, double temperature,
-                                                     int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK(temperature > 0, "gist_fast gist_loss (CPU): temperature must be > 0, got ", temperature);
-  const LossParams prm{static_cast<float>(gist_weight), static_cast<float>(kl_weight), static_cast<float>(1.0 / temperature),
+// gist_fast::pair_loss: mode "gist", "kl" or "mse" (see the top of this file; w_b, w_kl weigh GIST's terms).
+// Returns the loss (() fp32, or the (B,) fp32 rows for reduction "none"), d row / d a and d row / d b per row
+// (a's dtype; (0,) unless compute_grad) and the count of rows not ignored (() fp32).
+std::tuple<Tensor, Tensor, Tensor, Tensor> pair_loss_cpu(const Tensor& a, const Tensor& b, const Tensor& target,
+                                                         c10::string_view mode, double w_b, double w_kl,
+                                                         double temperature, int64_t ignore_index,
+                                                         c10::string_view reduction, bool compute_grad) {
+  TORCH_CHECK(temperature > 0, "gist_fast pair_loss (CPU): temperature must be > 0, got ", temperature);
+  TORCH_CHECK(reduction == "none" || reduction == "mean" || reduction == "sum",
+              "gist_fast pair_loss (CPU): reduction must be none, mean or sum, got ", reduction);
+  const LossParams prm{static_cast<float>(w_b), static_cast<float>(w_kl), static_cast<float>(1.0 / temperature),
                        ignore_index};
-  return pair_loss<kGist>(logits, gist_logits, target, prm, compute_grad, "gist_loss");
+  std::tuple<Tensor, Tensor, Tensor> rows_grads;
+  if (mode == "gist")
+    rows_grads = pair_loss<kGist>(a, b, target, prm, compute_grad, "gist_loss");
+  else if (mode == "kl")
+    rows_grads = pair_loss<kDistillKL>(a, b, target, prm, compute_grad, "distill_loss");
+  else if (mode == "mse")
+    rows_grads = pair_loss<kDistillMSE>(a, b, target, prm, compute_grad, "distill_loss");
+  else
+    TORCH_CHECK(false, "gist_fast pair_loss (CPU): mode must be gist, kl or mse, got ", mode);
+  const auto& [rows, grad_a, grad_b] = rows_grads;
+  const Tensor n_valid = target.ne(ignore_index).sum().to(at::kFloat);
+  const Tensor loss = reduction == "none" ? rows : reduction == "sum" ? rows.sum() : rows.sum() / n_valid;
+  return {loss, grad_a, grad_b, n_valid};
 }
 
-// iDAT loss rows: kind 0 = CE(s) + CE(t) + KL(σ_T(t)||σ_T(s)), kind 1 = CE(s) + CE(t) + mean_c (s - t)^2.
-std::tuple<Tensor, Tensor, Tensor> distill_loss_fwd_cpu(const Tensor& student, const Tensor& teacher, const Tensor& target,
-                                                        int64_t kind, double temperature, int64_t ignore_index,
-                                                        bool compute_grad) {
-  TORCH_CHECK(kind == 0 || kind == 1, "gist_fast distill_loss (CPU): kind must be 0 (kl) or 1 (mse), got ", kind);
-  TORCH_CHECK(temperature > 0, "gist_fast distill_loss (CPU): temperature must be > 0, got ", temperature);
-  const LossParams prm{1.f, 1.f, static_cast<float>(1.0 / temperature), ignore_index};
-  return kind == 0 ? pair_loss<kDistillKL>(student, teacher, target, prm, compute_grad, "distill_loss")
-                   : pair_loss<kDistillMSE>(student, teacher, target, prm, compute_grad, "distill_loss");
-}
-
-// grad (B, C) * row_scale (B,)[:, None] in fp32, stored in grad's dtype.
-Tensor scale_rows_cpu(const Tensor& grad_in, const Tensor& row_scale_in) {
-  TORCH_CHECK(grad_in.dim() == 2 && row_scale_in.dim() == 1 && row_scale_in.size(0) == grad_in.size(0),
-              "gist_fast scale_rows (CPU): grad must be (B, C) and row_scale (B,), got ", grad_in.sizes(), " and ",
-              row_scale_in.sizes());
-  TORCH_CHECK(is_supported_float(grad_in.scalar_type()), "gist_fast scale_rows (CPU): unsupported dtype ", grad_in.scalar_type());
-  const Tensor grad = grad_in.contiguous(), row_scale = row_scale_in.to(at::kFloat).contiguous();
-  Tensor out = at::empty(grad.sizes(), grad.options());
-  const int64_t rows = grad.size(0), classes = grad.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_rows", [&] {
-    scale_rows_impl(grad.const_data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), rows,
-                    classes);
+// gist_fast::pair_loss_bwd: the per-row gradients times the upstream gradient (() or (B,) for "none"),
+// divided by n_valid for "mean"; fp32 products stored in the gradients' dtype.
+std::tuple<Tensor, Tensor> pair_loss_bwd_cpu(const Tensor& upstream, const Tensor& grad_a_in, const Tensor& grad_b_in,
+                                             const Tensor& n_valid, c10::string_view reduction) {
+  if (grad_a_in.numel() == 0) return {at::empty_like(grad_a_in), at::empty_like(grad_b_in)};
+  TORCH_CHECK(grad_a_in.dim() == 2 && grad_a_in.sizes() == grad_b_in.sizes() &&
+                  grad_a_in.scalar_type() == grad_b_in.scalar_type() && is_supported_float(grad_a_in.scalar_type()),
+              "gist_fast pair_loss_bwd (CPU): gradients must be two (B, C) tensors of one float dtype, got ",
+              grad_a_in.sizes(), " and ", grad_b_in.sizes());
+  Tensor row_scale = upstream.to(at::kFloat);
+  if (reduction == "mean") row_scale = row_scale / n_valid;
+  row_scale = row_scale.expand({grad_a_in.size(0)}).contiguous();
+  const Tensor grad_a = grad_a_in.contiguous(), grad_b = grad_b_in.contiguous();
+  Tensor out_a = at::empty(grad_a.sizes(), grad_a.options()), out_b = at::empty(grad_b.sizes(), grad_b.options());
+  const int64_t rows = grad_a.size(0), classes = grad_a.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_a.scalar_type(), "gist_fast_pair_loss_bwd", [&] {
+    const float* s = row_scale.const_data_ptr<float>();
+    scale_rows_impl(grad_a.const_data_ptr<scalar_t>(), s, out_a.mutable_data_ptr<scalar_t>(), rows, classes);
+    scale_rows_impl(grad_b.const_data_ptr<scalar_t>(), s, out_b.mutable_data_ptr<scalar_t>(), rows, classes);
   });
-  return out;
+  return {out_a, out_b};
 }
 
-TORCH_LIBRARY_FRAGMENT(gist_fast, m) {
-  m.def("gist_loss_fwd_cpu(Tensor logits, Tensor gist_logits, Tensor target, float gist_weight, float kl_weight, "
-        "float temperature, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("distill_loss_fwd_cpu(Tensor student, Tensor teacher, Tensor target, int kind, float temperature, "
-        "int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("scale_rows_cpu(Tensor grad, Tensor row_scale) -> Tensor");
-}
-
+// The CPU kernels of the ops gist_fast/ops/losses.py defines (the dispatcher checks these signatures against
+// that schema; gist_fast/ops/_backend.py says why they load first).
 TORCH_LIBRARY_IMPL(gist_fast, CPU, m) {
-  m.impl("gist_loss_fwd_cpu", &gist_loss_fwd_cpu);
-  m.impl("distill_loss_fwd_cpu", &distill_loss_fwd_cpu);
-  m.impl("scale_rows_cpu", &scale_rows_cpu);
+  m.impl("pair_loss", &pair_loss_cpu);
+  m.impl("pair_loss_bwd", &pair_loss_bwd_cpu);
 }
 
 }  // namespace gist_fast

@@ -1,40 +1,28 @@
-"""Fused ops against gist_fast.reference (same dtype and float64), on every available backend."""
+"""Fused ops against gist_fast.reference (same dtype and float64), on every implementation this machine has."""
+import contextlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from backends import BACKENDS, OPS, has_kernel, use_backend
+from backends import device as _device
 from gist_fast import ops, reference
 from gist_fast.ops import _backend
 from oracle import assert_oracle
 
-BACKENDS = [
-    pytest.param("cpp", marks=pytest.mark.skipif(not _backend.HAS_CPP, reason="gist_fast._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        not _backend.HAS_TRITON or not (torch.cuda.is_available() or _backend.TRITON_INTERPRET),
-        reason="Triton needs CUDA or TRITON_INTERPRET=1")),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _device(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _run(fn, inputs, grads, backend=None):
     """Forward + backward with the given upstream gradients; returns outputs and input gradients."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
-    with _backend.force(backend) if backend else _nullcontext():  # the backward too runs on `backend`
+    with use_backend(backend) if backend else contextlib.nullcontext():  # the backward too runs on `backend`
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.backward(list(outs), [g.to(o.dtype) for o, g in zip(outs, grads)])
     return [o.detach() for o in outs], [t.grad if t is not None and t.requires_grad else None for t in leaves]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_against_reference(ours_fn, ref_fn, inputs, grads, backend, dtype, names):
@@ -125,7 +113,7 @@ def test_adapter_mixed_dtypes_as_under_autocast(backend):
 def test_adapter_nan_in_nan_out(backend):
     inputs = _adapter_inputs(8, 32, 4, torch.float32, "seq", _device(backend))
     inputs[0][0, 3, 5] = float("nan")
-    with _backend.force(backend):
+    with use_backend(backend):
         out = ops.adapter(*inputs[:5], 0.1)
     assert out[0, 3].isnan().all() and not out[1].isnan().any()
 
@@ -202,7 +190,7 @@ def test_loss_large_vocabulary(backend, loss):
 def test_loss_nan_in_nan_out(backend):
     a, b, target = _logits(4, 10, torch.float32, _device(backend))
     a[2, 3] = float("nan")
-    with _backend.force(backend):
+    with use_backend(backend):
         rows = ops.gist_loss(a, b, target, reduction="none")
     assert rows[2].isnan() and rows[[0, 3]].isfinite().all()
 
@@ -211,30 +199,99 @@ def test_loss_nan_in_nan_out(backend):
 def test_loss_all_rows_ignored_is_nan_like_torch(backend):
     a, b, _ = _logits(3, 10, torch.float32, _device(backend))
     target = torch.full((3,), -100, device=a.device)
-    with _backend.force(backend):
+    with use_backend(backend):
         assert ops.gist_loss(a, b, target).isnan()
 
 
 # ---------------------------------------------------------------- registration
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    from torch.library import opcheck
-
-    device = _device(backend)
+def _opcheck_cases(device):
+    """Every op with and without its optional parts, forward ops with gradients wanted (opcheck runs their
+    backward through the autograd formula too)."""
     x, wd, bd, wu, bu, base, branch, nw, nb = _adapter_inputs(6, 40, 4, torch.float32, "norm", device)
     x2, br2 = x.reshape(-1, 40), branch.reshape(-1, 40)
     a, b, t = _logits(5, 11, torch.float32, device)
     for leaf in (x2, wd, bd, wu, bu, br2, nw, nb, a, b):
         leaf.requires_grad_(True)
-    cases = [
-        (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6)),
-        (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, None, None, None, 0.0)),
-        (torch.ops.gist_fast.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6, torch.bfloat16)),
-    ] + [(torch.ops.gist_fast.pair_loss.default, (a, b, t, mode, 0.5, 0.75, 3.0, -100, reduction, True))
-         for mode in ("gist", "kl", "mse") for reduction in ("mean", "none")]
-    with _backend.force(backend):
-        for op, args in cases:
+    gist = torch.ops.gist_fast
+    out, _, mean, rstd = gist.adapter_fwd(x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6)
+    go, gn = torch.randn_like(x2), torch.randn_like(x2)
+    _, grad_a, grad_b, n_valid = gist.pair_loss(a, b, t, "gist", 0.5, 0.75, 3.0, -100, "mean", True)
+    detached = [v.detach() for v in (out, mean, rstd, x2, wd, bd, wu, nw, grad_a, grad_b, n_valid)]
+    out, mean, rstd, xd, wdd, bdd, wud, nwd, grad_a, grad_b, n_valid = detached
+    return [
+        (gist.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6)),
+        (gist.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, None, None, None, 0.0)),
+        (gist.adapter_fwd.default, (x2, wd, bd, wu, bu, 0.1, None, br2, nw, nb, 1e-6, torch.bfloat16)),
+        (gist.adapter_bwd.default, (go, gn, xd, wdd, bdd, wud, 0.1, out, nwd, mean, rstd, True)),
+        (gist.adapter_bwd.default, (go, None, xd, wdd, bdd, wud, 0.1, None, None, None, None, False)),
+    ] + [(gist.pair_loss.default, (a, b, t, mode, 0.5, 0.75, 3.0, -100, reduction, True))
+         for mode in ("gist", "kl", "mse") for reduction in ("mean", "none")] + [
+        (gist.pair_loss.default, (a.detach(), b.detach(), t, "gist", 0.5, 0.75, 3.0, -100, "sum", False)),
+        (gist.pair_loss_bwd.default, (torch.tensor(1.7, device=device), grad_a, grad_b, n_valid, "mean")),
+        (gist.pair_loss_bwd.default, (torch.rand(5, device=device), grad_a, grad_b, n_valid, "none")),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """Schema, fake, autograd registration and torch.compile tracing of every op, on each implementation here:
+    the C++ kernels, the Triton launchers (interpreted on CPU; on CUDA where there is a GPU) and the plain-torch
+    default."""
+    from torch.library import opcheck
+
+    with use_backend(backend):
+        for op, args in _opcheck_cases(_device(backend)):
             opcheck(op, args)
+
+
+def test_each_op_is_defined_once_with_a_kernel_per_device():
+    """The schema, fake, autograd formula and plain-torch default come from Python; C++ adds only the CPU kernel
+    (where built) and the Triton launchers only the CUDA one (where triton is installed)."""
+    for op in OPS:
+        name = f"gist_fast::{op}"
+        for key in ("CompositeExplicitAutograd", "Autograd", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (op, key)
+        assert has_kernel(op, "cpu") == _backend.HAS_CPP, op
+        assert has_kernel(op, "cuda") == _backend.HAS_TRITON, op
+        if _backend.HAS_CPP:
+            assert f"csrc/{'adapter' if op.startswith('adapter') else 'losses'}.cpp" in _cpu_kernel(op)
+
+
+def _cpu_kernel(op):
+    return next((line for line in torch._C._dispatch_dump(f"gist_fast::{op}").splitlines()
+                 if line.startswith("CPU:")), "")
+
+
+def test_use_backend_restores_the_previous_cpu_kernel():
+    before = {op: _cpu_kernel(op) for op in OPS}
+    with use_backend("torch"):
+        assert all(_cpu_kernel(op) != before[op] for op in OPS)
+    assert {op: _cpu_kernel(op) for op in OPS} == before
+
+
+_LATE_CPP = """
+import glob, os, sys
+import torch
+sys.modules["gist_fast._C"] = None  # the package defines its ops without the extension...
+import gist_fast
+from gist_fast import ops, reference
+from gist_fast.ops import _backend
+assert not _backend.HAS_CPP and not torch._C._dispatch_has_kernel_for_dispatch_key("gist_fast::adapter_fwd", "CPU")
+del sys.modules["gist_fast._C"]  # ...and loads it afterwards: the C++ kernels register for defined ops
+torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(gist_fast.__file__), "_C*.so"))[0])
+assert "csrc/adapter.cpp" in torch._C._dispatch_dump("gist_fast::adapter_fwd")
+x, wd, bd, wu, bu = torch.randn(5, 16), torch.randn(4, 16), torch.randn(4), torch.randn(16, 4), torch.randn(16)
+torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1), reference.adapter(x, wd, bd, wu, bu, 0.1))
+a, b, t = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
+torch.testing.assert_close(ops.gist_loss(a, b, t), reference.gist_loss(a, b, t))
+"""
+
+
+@pytest.mark.skipif(not _backend.HAS_CPP, reason="gist_fast._C not built")
+def test_cpp_kernels_may_also_register_after_the_schemas():
+    """The package loads gist_fast._C before it defines the ops (see gist_fast/ops/_backend.py); the other order
+    registers the same kernels too."""
+    subprocess.run([sys.executable, "-c", _LATE_CPP], check=True, timeout=300)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -271,9 +328,9 @@ def test_float64_takes_the_reference_path():
     torch.testing.assert_close(ops.distill_loss(a, b, t, "mse"), reference.distill_loss(a, b, t, "mse"), rtol=0, atol=0)
 
 
-def test_reference_fallback_when_no_backend(monkeypatch):
-    """With no fused backend the public functions are the reference, autograd and all."""
-    monkeypatch.setattr(_backend, "select", lambda t: "reference")
+def test_reference_fallback_when_no_backend():
+    """With no kernel of its own for the device the op runs its plain-torch body, which in fp32 is the reference."""
     x, wd, bd, wu, bu, *_ = _adapter_inputs(4, 32, 4, torch.float32, "seq", "cpu")
-    torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1), reference.adapter(x, wd, bd, wu, bu, 0.1),
-                               rtol=0, atol=0)
+    with use_backend("torch"):
+        torch.testing.assert_close(ops.adapter(x, wd, bd, wu, bu, 0.1), reference.adapter(x, wd, bd, wu, bu, 0.1),
+                                   rtol=0, atol=0)

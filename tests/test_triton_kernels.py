@@ -3,13 +3,11 @@ deterministic vs atomic weight-gradient reduction), mixed dtypes, determinism an
 import pytest
 import torch
 
+from backends import TRITON_RUNS, use_backend
 from gist_fast import reference
 from gist_fast.ops import _backend
 
-pytestmark = pytest.mark.skipif(
-    not _backend.HAS_TRITON or not (torch.cuda.is_available() or _backend.TRITON_INTERPRET),
-    reason="Triton needs CUDA or TRITON_INTERPRET=1",
-)
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if _backend.HAS_TRITON:
     from gist_fast.kernels._common import dot_operand  # a global, where @triton.jit test kernels look names up
@@ -112,7 +110,7 @@ def test_adapter_dots_run_at_the_autocast_precision_or_better():
         torch.autograd.backward(out, [g.to(o.dtype) for o, g in zip(out, grads)])
         return list(out) + [t.grad for t in leaves]
 
-    with _backend.force("triton"):
+    with use_backend("triton"):
         ours = run(ops.adapter_norm, True)
     eager = run(reference.adapter_norm, True)
     exact = run(reference.adapter_norm, False, torch.float64)

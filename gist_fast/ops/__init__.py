@@ -1,5 +1,7 @@
-"""Fused ops: each a torch.library op with one autograd formula, Triton on CUDA, C++ on CPU,
-and gist_fast.reference where neither applies."""
+"""Fused ops: each a torch.library custom op declared once in Python (schema, fake, autograd formula) whose
+implementation the dispatcher picks by device: the Triton launchers on CUDA, the C++ kernels of gist_fast._C on
+CPU, the plain-torch contract elsewhere. The public functions take gist_fast.reference for what the ops do not
+compute (dtypes other than fp32 / bf16 / fp16, fused=False)."""
 from gist_fast.ops.adapter import adapter, adapter_norm
 from gist_fast.ops.losses import distill_loss, gist_loss
 

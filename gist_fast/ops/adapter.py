@@ -3,9 +3,11 @@
     out    = base + branch + scale * (W_up GELU(W_down x + b_down) + b_up)      (base defaults to x)
     normed = LayerNorm(out)                                                    (optional, for norm2)
 
-One autograd formula for every device; the backward recomputes the rank-r bottleneck instead of
-saving it. Backends: Triton (kernels/adapter.py) on CUDA, C++ (csrc/adapter.cpp) on CPU, and the
-same contract in plain torch (adapter_torch.py) elsewhere, which the memory-lean block relies on.
+Each op is declared once, here: its schema (custom_op), fake implementation and one autograd formula for every
+device (the backward recomputes the rank-r bottleneck instead of saving it). The dispatcher picks the
+implementation by the tensors' device: CUDA → the Triton launchers (kernels/adapter.py, registered below);
+CPU → the C++ kernels of csrc/adapter.cpp (gist_fast._C registers them); any other device, or CPU without
+the extension → the decorated body, the same contract in plain torch (adapter_torch.py).
 """
 from typing import Optional, Tuple
 
@@ -13,23 +15,10 @@ import torch
 from torch import Tensor
 
 from gist_fast import reference
-from gist_fast.ops import _backend, adapter_torch
+from gist_fast.ops import adapter_torch
+from gist_fast.ops._backend import FUSED_DTYPES, HAS_TRITON
 
 _EMPTY = (0,)
-
-
-def _impl(t: Tensor, rank: int):
-    """(forward, backward) for t's device; each takes the op's arguments and dot_dtype as a keyword."""
-    backend = _backend.select(t)
-    if backend == "triton":
-        from gist_fast.kernels import adapter as triton_adapter
-
-        if rank <= triton_adapter.MAX_RANK:  # above it: the plain-torch backend
-            return triton_adapter.adapter_fwd, triton_adapter.adapter_bwd
-    if backend == "cpp":  # fp32 math (bf16 GEMMs for bf16 inputs) whatever the autocast dtype
-        return (lambda *args, dot_dtype=None: torch.ops.gist_fast.adapter_fwd_cpu(*args),
-                lambda *args, dot_dtype=None: torch.ops.gist_fast.adapter_bwd_cpu(*args))
-    return adapter_torch.adapter_fwd, adapter_torch.adapter_bwd  # any other device: the same math in torch
 
 
 @torch.library.custom_op("gist_fast::adapter_fwd", mutates_args=())
@@ -40,9 +29,10 @@ def adapter_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, base, branch: (M, D). Returns out (M, D), normed (M, D), mean and rstd (M,) fp32; the last
     three are empty when no norm is fused. dot_dtype: the autocast dtype the two linears run in, as eager
-    autocast runs nn.Linear (None: the weights' dtype); the op computes in fp32 otherwise."""
-    return _impl(x, w_down.shape[0])[0](x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps,
-                                        dot_dtype=dot_dtype)
+    autocast runs nn.Linear (None: the weights' dtype), on CUDA; the op computes in fp32 otherwise (on CPU always:
+    the C++ kernels accept and ignore it, running bf16 GEMMs for bf16 inputs only)."""
+    return adapter_torch.adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps,
+                                     dot_dtype)
 
 
 @adapter_fwd.register_fake
@@ -65,8 +55,8 @@ def adapter_bwd(
     """Returns grad_x (x's dtype; includes the residual gradient when x_is_base), grad_residual (the
     total gradient reaching out, only when a norm is fused, else empty), the four adapter weight
     gradients (in the dtypes of w_down, b_down, w_up, w_up) and grad_norm_weight, grad_norm_bias (fp32 or empty)."""
-    return _impl(x, w_down.shape[0])[1](grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean,
-                                        rstd, x_is_base, dot_dtype=dot_dtype)
+    return adapter_torch.adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean,
+                                     rstd, x_is_base, dot_dtype)
 
 
 @adapter_bwd.register_fake
@@ -113,6 +103,29 @@ def _backward(ctx, grad_out, grad_normed, _grad_mean, _grad_rstd):
 adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def adapter_fwd_triton(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype=None):
+    """adapter_fwd on CUDA: the Triton launcher, or the plain-torch contract above the kernels' largest rank."""
+    from gist_fast.kernels import adapter as kernels  # here, not at the top: `import gist_fast` needs no triton
+
+    impl = kernels.adapter_fwd if w_down.shape[0] <= kernels.MAX_RANK else adapter_torch.adapter_fwd
+    return impl(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype)
+
+
+def adapter_bwd_triton(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
+                       dot_dtype=None):
+    """adapter_bwd on CUDA, as adapter_fwd_triton."""
+    from gist_fast.kernels import adapter as kernels
+
+    impl = kernels.adapter_bwd if w_down.shape[0] <= kernels.MAX_RANK else adapter_torch.adapter_bwd
+    return impl(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
+                dot_dtype)
+
+
+if HAS_TRITON:  # without triton, CUDA tensors run the plain-torch body
+    adapter_fwd.register_kernel("cuda")(adapter_fwd_triton)
+    adapter_bwd.register_kernel("cuda")(adapter_bwd_triton)
+
+
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast would run the adapter's linears in on x's device, or None outside autocast."""
     dev = x.device.type
@@ -147,7 +160,7 @@ def adapter(
 
     A GIST block passes branch = the attention output, so x + attn + A(x) reads x and attn once."""
     _check(x, w_down, b_down, w_up, b_up, base, branch)
-    if not _backend.available(x):
+    if x.dtype not in FUSED_DTYPES:  # the op computes in fp32 at most: float64 (a user's check) runs the reference
         return reference.adapter(x, w_down, b_down, w_up, b_up, scale, base, branch)
     flat = [t.reshape(-1, x.shape[-1]).contiguous() if t is not None else None for t in (x, base, branch)]
     out = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2], None, None, 0.0,
@@ -165,7 +178,7 @@ def adapter_norm(
     if norm_weight.shape != x.shape[-1:] or norm_bias.shape != x.shape[-1:]:
         raise ValueError(f"norm weight and bias must be ({x.shape[-1]},), "
                          f"got {tuple(norm_weight.shape)}, {tuple(norm_bias.shape)}")
-    if not _backend.available(x):
+    if x.dtype not in FUSED_DTYPES:
         return reference.adapter_norm(x, w_down, b_down, w_up, b_up, scale, norm_weight, norm_bias, eps, base, branch)
     flat = [t.reshape(-1, x.shape[-1]).contiguous() if t is not None else None for t in (x, base, branch)]
     out, normed, _, _ = adapter_fwd(flat[0], w_down, b_down, w_up, b_up, float(scale), flat[1], flat[2],

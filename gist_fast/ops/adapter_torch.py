@@ -1,5 +1,6 @@
-"""The fused adapter op's contract (gist_fast::adapter_fwd / adapter_bwd) in plain PyTorch: its
-backend on devices that neither Triton nor the C++ ops serve, with the same fp32 math."""
+"""The fused adapter op's contract (gist_fast::adapter_fwd / adapter_bwd) in plain PyTorch, with the same fp32
+math: the ops' default implementation (any device without a kernel of its own: CPU without gist_fast._C, CUDA
+without triton, others), and the CUDA path above the Triton kernels' largest rank."""
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,8 +29,10 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight,
     if norm_weight is None:
         empty = x.new_empty(_EMPTY, dtype=torch.float32)
         return out, x.new_empty(_EMPTY, dtype=dtype), empty, empty.clone()
-    normed, mean, rstd = torch.native_layer_norm(out, out.shape[-1:], norm_weight.to(dtype), norm_bias.to(dtype), eps)
-    return out, normed, _up(mean.view(-1)), _up(rstd.view(-1))
+    o = _up(out)  # the stored (rounded) out, normalised in fp32 as the kernels do
+    normed, mean, rstd = torch.native_layer_norm(o, o.shape[-1:], _up(norm_weight),
+                                                 None if norm_bias is None else _up(norm_bias), eps)
+    return out, normed.to(dtype), mean.view(-1), rstd.view(-1)
 
 
 def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm_weight, mean, rstd, x_is_base,
@@ -39,13 +42,12 @@ def adapter_bwd(grad_out, grad_normed, x, w_down, b_down, w_up, scale, out, norm
     weight/bias gradients (fp32)."""
     g = _up(grad_out)
     empty = x.new_empty(_EMPTY, dtype=torch.float32)
-    g_nw = g_nb = empty
+    g_nw, g_nb = empty, empty.clone()  # two tensors: op outputs may not alias
     if norm_weight is not None:
-        w = norm_weight.to(out.dtype)
+        o, w = _up(out), _up(norm_weight)  # in fp32: CPU's 16-bit LayerNorm backward wants 16-bit statistics
         gx, g_nw, g_nb = torch.ops.aten.native_layer_norm_backward(
-            grad_normed.to(out.dtype), out, out.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w,
-            (True, True, True))
-        g, g_nw, g_nb = g + _up(gx), _up(g_nw), _up(g_nb)
+            _up(grad_normed), o, o.shape[-1:], _up(mean).view(-1, 1), _up(rstd).view(-1, 1), w, w, (True, True, True))
+        g = g + gx
     xf = _up(x)
     z = F.linear(xf, _up(w_down), _up(b_down))
     act = F.gelu(z)

@@ -3,8 +3,11 @@
 The forward reads each row of both logit sets (online softmax in chunks for large C), returns the reduced loss
 ("mean" over the rows whose target is not ignore_index, "sum", or the per-row losses for "none") with the
 per-row gradients d row / d logits and the count of rows not ignored; the backward scales those gradients by the
-upstream gradient. On CUDA each is one Triton launch (kernels/losses.py) with the label check, the count and the
-reduction inside, and no host sync; on CPU the C++ rows (csrc/losses.cpp) are reduced with plain tensor math.
+upstream gradient. Each op is declared once, here (schema, fake, one autograd formula); the dispatcher picks the
+implementation by the tensors' device: CUDA → one Triton launch each way (kernels/losses.py, registered below:
+the label check, the count and the reduction inside, no host sync); CPU → the C++ kernels of csrc/losses.cpp
+(gist_fast._C); any other device, or CPU without the extension → the decorated body, the same contract in plain
+torch (losses_torch.py).
 """
 from typing import Tuple
 
@@ -12,37 +15,12 @@ import torch
 from torch import Tensor
 
 from gist_fast import reference
-from gist_fast.ops import _backend
+from gist_fast.ops import losses_torch
+from gist_fast.ops._backend import FUSED_DTYPES, HAS_TRITON
 
 MODES = ("gist", "kl", "mse")  # GIST; iDAT with KL(teacher || student); iDAT with the squared logit gap
 DISTILL_KINDS = MODES[1:]
 REDUCTIONS = ("none", "mean", "sum")
-
-
-def _cpu_pair_loss(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad):
-    ops = torch.ops.gist_fast
-    if mode == "gist":
-        rows, grad_a, grad_b = ops.gist_loss_fwd_cpu(a, b, target, w_b, w_kl, temperature, ignore_index, compute_grad)
-    else:
-        rows, grad_a, grad_b = ops.distill_loss_fwd_cpu(a, b, target, DISTILL_KINDS.index(mode), temperature,
-                                                        ignore_index, compute_grad)
-    n_valid = (target != ignore_index).sum().float()
-    loss = rows if reduction == "none" else rows.sum() / n_valid if reduction == "mean" else rows.sum()
-    return loss, grad_a, grad_b, n_valid
-
-
-def _cpu_pair_loss_bwd(upstream, grad_a, grad_b, n_valid, reduction):
-    scale = upstream.float() / n_valid if reduction == "mean" else upstream.float()
-    scale = scale.expand(grad_a.shape[:1]).contiguous()
-    return torch.ops.gist_fast.scale_rows_cpu(grad_a, scale), torch.ops.gist_fast.scale_rows_cpu(grad_b, scale)
-
-
-def _impl(t: Tensor):
-    if _backend.select(t) == "triton":
-        from gist_fast.kernels import losses
-
-        return losses.pair_loss_fwd, losses.pair_loss_bwd
-    return _cpu_pair_loss, _cpu_pair_loss_bwd
 
 
 @torch.library.custom_op("gist_fast::pair_loss", mutates_args=())
@@ -54,7 +32,7 @@ def pair_loss(
     rows for reduction "none"), d row / d a and d row / d b per row (a's dtype; empty unless compute_grad) and the
     number of rows not ignored (() fp32). GIST: CE(a) + w_b CE(b) + w_kl (KL(σ_T(a)||σ_T(b)) + KL(σ_T(b)||σ_T(a)));
     "kl": CE(a) + CE(b) + KL(σ_T(b)||σ_T(a)); "mse": CE(a) + CE(b) + mean_c (a - b)^2."""
-    return _impl(a)[0](a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad)
+    return losses_torch.pair_loss(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad)
 
 
 @pair_loss.register_fake
@@ -69,7 +47,7 @@ def pair_loss_bwd(upstream: Tensor, grad_a: Tensor, grad_b: Tensor, n_valid: Ten
                   reduction: str) -> Tuple[Tensor, Tensor]:
     """The gradients of pair_loss's inputs a and b: the per-row gradients times the upstream gradient of the
     loss (divided by n_valid for "mean")."""
-    return _impl(grad_a)[1](upstream, grad_a, grad_b, n_valid, reduction)
+    return losses_torch.pair_loss_bwd(upstream, grad_a, grad_b, n_valid, reduction)
 
 
 pair_loss_bwd.register_fake(
@@ -89,6 +67,25 @@ def _backward(ctx, upstream, _grad_a, _grad_b, _n_valid):
 pair_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
+def pair_loss_triton(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad):
+    """pair_loss on CUDA: one Triton launch."""
+    from gist_fast.kernels import losses as kernels  # here, not at the top: `import gist_fast` needs no triton
+
+    return kernels.pair_loss_fwd(a, b, target, mode, w_b, w_kl, temperature, ignore_index, reduction, compute_grad)
+
+
+def pair_loss_bwd_triton(upstream, grad_a, grad_b, n_valid, reduction):
+    """pair_loss_bwd on CUDA: one Triton launch."""
+    from gist_fast.kernels import losses as kernels
+
+    return kernels.pair_loss_bwd(upstream, grad_a, grad_b, n_valid, reduction)
+
+
+if HAS_TRITON:  # without triton, CUDA tensors run the plain-torch body
+    pair_loss.register_kernel("cuda")(pair_loss_triton)
+    pair_loss_bwd.register_kernel("cuda")(pair_loss_bwd_triton)
+
+
 def check_logits(a: Tensor, b: Tensor, target: Tensor, names: Tuple[str, str]) -> None:
     """Shapes and dtypes, with a clear message."""
     if a.dim() != 2 or a.shape != b.shape:
@@ -101,13 +98,6 @@ def check_logits(a: Tensor, b: Tensor, target: Tensor, names: Tuple[str, str]) -
         raise ValueError(f"{names[0]} and {names[1]} must share one floating dtype, got {a.dtype} and {b.dtype}")
 
 
-def check_labels(target: Tensor, classes: int, ignore_index: int) -> None:
-    """Labels in [0, classes) or ignore_index; asynchronous on CUDA (the Triton kernel checks its own)."""
-    in_range = ((target >= 0) & (target < classes)) | (target == ignore_index)
-    torch._assert_async(in_range.all(),
-                        f"target labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
-
-
 def check_options(temperature: float, reduction: str) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -117,11 +107,9 @@ def check_options(temperature: float, reduction: str) -> None:
 
 def _loss(mode: str, a: Tensor, b: Tensor, target: Tensor, w_b: float, w_kl: float, temperature: float,
           ignore_index: int, reduction: str, fused: bool, reference_loss) -> Tensor:
-    """The fused op, or reference_loss() where it is off or no backend serves the device."""
-    backend = _backend.select(a) if fused else "reference"
-    if backend != "triton":
-        check_labels(target, a.shape[1], ignore_index)
-    if backend == "reference":
+    """The fused op, or reference_loss() where it is off or the dtype is one the op does not compute in."""
+    if not fused or a.dtype not in FUSED_DTYPES:
+        losses_torch.check_labels(target, a.shape[1], ignore_index)
         return reference_loss()
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     return pair_loss(a.contiguous(), b.contiguous(), target.long().contiguous(), mode, float(w_b), float(w_kl),
@@ -134,7 +122,7 @@ def gist_loss(
 ) -> Tensor:
     """CE(z_cls) + gist_weight CE(z_gist) + kl_weight (KL(σ_T(z_cls)||σ_T(z_gist)) + KL(σ_T(z_gist)||σ_T(z_cls))).
 
-    fused=False (or no backend for the device) runs gist_fast.reference after the same checks."""
+    fused=False (or a dtype the op does not compute in, e.g. float64) runs gist_fast.reference after the same checks."""
     check_options(temperature, reduction)
     check_logits(logits, gist_logits, target, ("logits", "gist_logits"))
     return _loss("gist", logits, gist_logits, target,
