@@ -284,3 +284,17 @@ def test_bench_ops_appends_rows_and_refuses_bad_options(tmp_path, capsys):
         assert ops_bench.main([*bad, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
+
+
+# --- what is committed -----------------------------------------------------------------------------------
+
+def test_committed_results_follow_the_schema_and_the_readme_copies_their_tables():
+    folder = os.path.join(ROOT, "benchmarks", "results", "cpu")
+    assert not os.path.exists(os.path.join(folder, "ops.json"))  # no raw pytest-benchmark dumps
+    rows = harness.read_rows(os.path.join(folder, "results.csv"))
+    assert {"train_step", "saved_activations", "adapter", "gist_loss", "distill_loss"} <= {r.op for r in rows}
+    generated = "".join(open(os.path.join(folder, f)).read() for f in ("bench.md", "ops.md", "activation_memory.md"))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Benchmarks"):readme.index("## Layout")]
+    table_lines = [line for line in section.splitlines() if line.startswith("|") and "---" not in line]
+    assert table_lines and all(line in generated for line in table_lines), "README tables are not the generated ones"
