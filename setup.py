@@ -44,8 +44,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "ninja", "matplotlib", "ruff"],
-        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel; platform_system == 'Linux'"],
+        "dev": ["pytest", "scikit-learn", "ninja", "matplotlib", "ruff"],
+        "bench": ["matplotlib", "liger-kernel; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["gist-fast=gist_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -184,7 +184,7 @@ def op_modes(case: OpCase) -> Dict[str, Callable[[], None]]:
 def _gist_fast_missing(device: torch.device) -> Optional[str]:
     """Why the gist_fast provider would not run a fused kernel here, or None."""
     if device.type == "cpu" and importlib.util.find_spec("gist_fast._C") is None:
-        return "skipped: gist_fast._C not built (the op would run the reference)"
+        return "skipped: gist_fast._C not built (the op would run its plain-torch contract)"
     return None
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+import gist_fast
 from gist_fast import bench_harness as harness
 from gist_fast.bench_harness import Deadline, Row, make_row
 from gist_fast.training.recipe import MEMORY_MODES  # --memory, as gist-fast train spells it
@@ -171,19 +172,7 @@ def step_gflops(model) -> float:
     return 2 * 2 * (len(model.blocks) * per_block + patch) / 1e9
 
 
-def _loss_fn(fused: bool):
-    import gist_fast
-
-    if fused:
-        try:  # the fused loss when its backend is there, else the reference
-            gist_fast.GistLoss()((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]))
-        except Exception:
-            fused = False
-    return gist_fast.GistLoss(fused=fused)
-
-
 def build(impl: str, base, ref_state, device) -> torch.nn.Module:
-    import gist_fast
 
     model = copy.deepcopy(base)
     if impl in ("eager", "eager_compile", "checkpoint"):
@@ -210,7 +199,7 @@ class Runner:
 
     def __init__(self, impl: str, model, device, amp_dtype):
         self.impl, self.model, self.device, self.amp_dtype = impl, model, device, amp_dtype
-        self.loss_fn = _loss_fn(impl.startswith("gist_fast"))
+        self.loss_fn = gist_fast.GistLoss(fused=impl.startswith("gist_fast"))
         self.reset()
         self.scope: Callable = contextlib.nullcontext
         self.forward = self._forward
@@ -233,6 +222,10 @@ class Runner:
 
     def _forward(self, images, target):
         return self.loss_fn(self.model(images), target)
+
+    def class0_loss(self, output):
+        """The step's loss with every target 0: what the activation accounting runs after the model."""
+        return self.loss_fn(output, torch.zeros(len(output[0]), dtype=torch.long, device=output[0].device))
 
     def step(self, images, target) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
@@ -273,7 +266,6 @@ def max_batch_cuda(runner: Runner, budget: int, num_classes: int, start: int = 1
 
 def _max_batch(runner: Runner, saved, budget: int, num_classes: int, deadline: Deadline):
     """(largest batch within budget, how it was found), or None where it cannot be told."""
-    import gist_fast
 
     if runner.device.type == "cuda" and not runner.impl.endswith("_compile"):
         if not deadline.allows():
@@ -358,11 +350,10 @@ def _cell(s: Settings, env, m: _Model, runners: Dict[str, Runner], batch: int) -
 def _build_runners(s: Settings, env, m: _Model, group: List[str]):
     """The group's runners, and the rows of their saved activations per image (compiled graphs hide
     theirs from saved-tensor hooks)."""
-    import gist_fast
 
     runners = {impl: Runner(impl, build(impl, m.base, m.ref_state, s.device), s.device, s.amp_dtype)
                for impl in group}
-    saved = {impl: gist_fast.activation_bytes(r.model, m.sample, autocast_dtype=s.amp_dtype)
+    saved = {impl: gist_fast.activation_bytes(r.model, m.sample, r.class0_loss, s.amp_dtype)
              for impl, r in runners.items() if not impl.endswith("_compile")}
     rows = [make_row(env, OP, impl, "step", "saved_MB_per_img", "batch", SAMPLE, m.config, rep.per_image_mb,
                      "saved-tensor hooks (gist_fast.activation_bytes)") for impl, rep in saved.items()]
@@ -405,7 +396,6 @@ def _bench_group(s: Settings, env, m: _Model, group: List[str], deadline: Deadli
 def _model(s: Settings, name: str) -> _Model:
     import timm
 
-    import gist_fast
 
     torch.manual_seed(s.seed)
     base = timm.create_model(name, pretrained=False, num_classes=s.num_classes, img_size=s.img_size)
