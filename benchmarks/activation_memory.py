@@ -43,22 +43,19 @@ def rows(name: str, env) -> List[harness.Row]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return harness.run_cli("activation_memory.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[List[str]]) -> int:
     p = harness.Parser(prog="activation_memory.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
-    try:
-        args = p.parse_args(argv)
-        if not timm.is_model(args.model):
-            raise ValueError(f"--model {args.model}: not a timm model")
-        path = os.path.join(args.out, harness.RESULTS_CSV)
-        harness.check_csv(path)
-        harness.append_rows(path, rows(args.model, harness.environment(torch.device("cpu"))))
-        print("\n".join(write_reports(args.out, plots=False)))
-    except harness.CliExit as e:
-        return e.status
-    except (ValueError, OSError) as e:
-        print(f"activation_memory.py: error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if not timm.is_model(args.model):
+        raise ValueError(f"--model {args.model}: not a timm model")
+    path = harness.open_results(args.out)
+    harness.append_rows(path, rows(args.model, harness.environment(torch.device("cpu"))))
+    print("\n".join(write_reports(args.out, plots=False)))
     return 0
 
 

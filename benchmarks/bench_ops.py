@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
-import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -346,30 +345,25 @@ def _plan(args, device: torch.device, emit) -> Plan:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """0 when done; 2 (one line on stderr) on a bad option or --out."""
-    try:
-        args = _parse(argv)
-        device = _device(args.device)
-        out = args.out or harness.results_dir(device)
-        path = os.path.join(out, harness.RESULTS_CSV)
-        os.makedirs(out, exist_ok=True)
-        harness.check_csv(path)
+    return harness.run_cli("bench_ops.py", lambda: _main(argv))
 
-        def emit(rows: List[Row]) -> None:
-            harness.append_rows(path, rows)
-            bench_report.write_reports(out, plots=False)
 
-        plan = _plan(args, device, emit)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-            plan.env = harness.environment(device)  # the device name counts the threads
-        run(plan)
-    except harness.CliExit as e:  # --help
-        return e.status
-    except (ValueError, OSError) as e:
-        print(f"bench_ops.py: error: {e}", file=sys.stderr)
-        return 2
-    written = bench_report.write_reports(out, plots=not args.no_plots)
-    print("wrote " + ", ".join(written))
+def _main(argv: Optional[List[str]]) -> int:
+    args = _parse(argv)
+    device = _device(args.device)
+    out = args.out or harness.results_dir(device)
+    path = harness.open_results(out)
+
+    def emit(rows: List[Row]) -> None:
+        harness.append_rows(path, rows)
+        bench_report.write_reports(out, plots=False)
+
+    plan = _plan(args, device, emit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        plan.env = harness.environment(device)  # the device name counts the threads
+    run(plan)
+    print("wrote " + ", ".join(bench_report.write_reports(out, plots=not args.no_plots)))
     return 0
 
 

@@ -44,29 +44,27 @@ def _prune(path: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        args = _parse(argv)
-        folders = args.folders or sorted(os.path.dirname(p) for p in
-                                         glob.glob(os.path.join(HERE, "results", "*", harness.RESULTS_CSV)))
-        if args.add and len(folders) != 1:
-            raise ValueError("--add needs exactly one results folder")
-        for folder in folders:
-            path = os.path.join(folder, harness.RESULTS_CSV)
-            for extra in args.add:
-                if not os.path.isfile(extra):
-                    raise ValueError(f"--add {extra}: no such file")
-                harness.append_rows(path, harness.read_rows(extra))
-            if not os.path.exists(path):
-                raise ValueError(f"{path}: no results CSV")
-            if args.prune:
-                print(f"{path}: {_prune(path)} rows replaced by newer ones dropped")
-            for written in write_reports(folder, plots=not args.no_plots):
-                print(written)
-    except harness.CliExit as e:
-        return e.status
-    except (ValueError, OSError) as e:
-        print(f"plot.py: error: {e}", file=sys.stderr)
-        return 2
+    return harness.run_cli("plot.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[List[str]]) -> int:
+    args = _parse(argv)
+    folders = args.folders or sorted(os.path.dirname(p) for p in
+                                     glob.glob(os.path.join(HERE, "results", "*", harness.RESULTS_CSV)))
+    if args.add and len(folders) != 1:
+        raise ValueError("--add needs exactly one results folder")
+    for folder in folders:
+        path = os.path.join(folder, harness.RESULTS_CSV)
+        for extra in args.add:
+            if not os.path.isfile(extra):
+                raise ValueError(f"--add {extra}: no such file")
+            harness.append_rows(path, harness.read_rows(extra))
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: no results CSV")
+        if args.prune:
+            print(f"{path}: {_prune(path)} rows replaced by newer ones dropped")
+        for written in write_reports(folder, plots=not args.no_plots):
+            print(written)
     return 0
 
 

@@ -29,7 +29,6 @@ take --compile-seconds, any other cell nothing) are recorded as "skipped: time b
 import contextlib
 import copy
 import dataclasses
-import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -426,28 +425,24 @@ def run(s: Settings, on_rows: Optional[Callable[[List[Row]], None]] = None) -> L
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: 0 when done, 2 (one line on stderr) on a bad option or --out."""
+    return harness.run_cli("gist-fast bench", lambda: _main(argv))
+
+
+def _main(argv: Optional[List[str]]) -> int:
     from gist_fast import bench_report
 
-    try:
-        args = _parse(argv)
-        s = settings(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        out = args.out or harness.results_dir(s.device)
-        path = os.path.join(out, harness.RESULTS_CSV)
-        os.makedirs(out, exist_ok=True)
-        harness.check_csv(path)
+    args = _parse(argv)
+    s = settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or harness.results_dir(s.device)
+    path = harness.open_results(out)
 
-        def publish(new: List[Row]) -> None:
-            harness.append_rows(path, new)
-            bench_report.write_reports(out, plots=False)
+    def publish(new: List[Row]) -> None:
+        harness.append_rows(path, new)
+        bench_report.write_reports(out, plots=False)
 
-        rows = run(s, on_rows=publish)
-    except harness.CliExit as e:  # --help
-        return e.status
-    except (ValueError, OSError) as e:  # a bad option or --out: one line, as gist-fast train does
-        print(f"gist-fast bench: error: {e}", file=sys.stderr)
-        return 2
+    rows = run(s, on_rows=publish)
     written = bench_report.write_reports(out, plots=not args.no_plots)
     print(bench_report.train_markdown(rows))
     print(f"appended {len(rows)} rows to {path}; wrote " + ", ".join(written))

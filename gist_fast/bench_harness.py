@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -331,3 +332,22 @@ class Parser(argparse.ArgumentParser):
         if message:
             print(message, end="")
         raise CliExit(status)
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """body()'s exit code; --help's 0; 2 with one line on stderr for a bad option or an unusable path."""
+    try:
+        return body()
+    except CliExit as e:
+        return e.status
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def open_results(out: str) -> str:
+    """out/results.csv, its folder made and an existing file checked for the schema."""
+    path = os.path.join(out, RESULTS_CSV)
+    os.makedirs(out, exist_ok=True)
+    check_csv(path)
+    return path

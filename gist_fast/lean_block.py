@@ -25,7 +25,7 @@ gradient checkpointing recomputes the whole block (~+50%) and saves x in fp32.
 The block math is stated once, as steps shared by the forward, the no-grad path and backward's
 recomputation (`_attention_branch`, the first residual, `_fc1`, `_mlp_branch`, `_second_residual`);
 the backward is the same steps in reverse. GIST and AdaptFormer differ in one step only, the first
-residual (`_GistResidual`: the fused adapter op; `_PlainResidual`: x + a and torch's LayerNorm).
+residual (`GistResidual`: the fused adapter op; `PlainResidual`: x + a and torch's LayerNorm).
 
 Decided once, by patch() (`unsupported_reason`, `bind`): whether the block's structure is one this path
 computes (timm's Attention and Linear-GELU-Linear MLP, affine LayerNorms, plain LayerScale); blocks it
@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gist_fast.ops.adapter import adapter_bwd, adapter_fwd
-from gist_fast.peft import fusable_norm
+from gist_fast.ops.adapter import adapter_bwd, adapter_fwd, fusable_norm
 
 MEMORY_MODES = ("lean", "min")
 
@@ -87,7 +86,7 @@ def bind(block: nn.Module, kind, mode: str) -> functools.partial:
     """The forward patch() binds to a block `unsupported_reason` accepts, for an adapter kind with a lean path
     ("adapter": GIST, "adaptformer"): its first-residual step and its eager forward (the per-call fallback) are
     chosen here, once. A functools.partial of module-level objects: a patched model stays picklable."""
-    return functools.partial(lean_forward, block, first=_FIRST_RESIDUAL[kind.name], fallback=kind.forward, mode=mode)
+    return functools.partial(lean_forward, block, first=kind.lean, fallback=kind.forward, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def _second_residual(block, x1: Tensor, m: Tensor, wts, dt) -> Tensor:
     return adapter_fwd(x1.contiguous(), *wts, block.adapter.scale, None, m, None, None, 0.0, dt)[0]
 
 
-class _GistResidual:
+class GistResidual:
     """GIST's first residual and LN2 in one fused op: x1 = x + a + s A(x), h2 = LN2(x1)."""
 
     @staticmethod
@@ -220,7 +219,7 @@ class _GistResidual:
         return g_x, g_a, [g1 + g2 for g1, g2 in zip(g_w1, g_w2)], (g_n2w, g_n2b)
 
 
-class _PlainResidual:
+class PlainResidual:
     """AdaptFormer's first residual, no adapter: x1 = x + a, h2 = LN2(x1) (torch's LayerNorm)."""
 
     @staticmethod
@@ -231,7 +230,7 @@ class _PlainResidual:
 
     @staticmethod
     def backward(block, g_x1, dh2, x, x1, state, wts, n2, dt, g_w2):
-        """As _GistResidual.backward: LN2 by autograd on a recomputed local graph; grad x = grad a; the adapter
+        """As GistResidual.backward: LN2 by autograd on a recomputed local graph; grad x = grad a; the adapter
         weight gradients are the second application's alone."""
         with torch.enable_grad():
             x1_leaf = x1.detach().requires_grad_()
@@ -239,9 +238,6 @@ class _PlainResidual:
         g_ln, g_n2 = _grads(h2, dh2.to(h2.dtype), x1_leaf, n2)
         g = g_x1 + g_ln
         return g, g, g_w2, g_n2
-
-
-_FIRST_RESIDUAL = {"adapter": _GistResidual, "adaptformer": _PlainResidual}
 
 
 def _block_forward(block, first, x: Tensor, xc: Tensor, wts, norms, dt, masks):

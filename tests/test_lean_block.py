@@ -9,7 +9,7 @@ from torch import nn
 
 import gist_fast
 from gist_fast import lean_block
-from gist_fast.peft import gist_adapter_forward
+from gist_fast.peft.adapter import gist_adapter_forward
 from oracle import assert_oracle
 from tiny import images, tiny_vit
 

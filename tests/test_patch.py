@@ -16,6 +16,17 @@ def _patched_copy(model, **kw):
     return gist_fast.patch(copy.deepcopy(model), verbose=False, **kw)
 
 
+def _assert_same_outputs(model, expected_model):
+    """Bit-equal outputs in train mode (the same dropout draws) and in eval mode."""
+    x = images()
+    for mode in (True, False):
+        model.train(mode), expected_model.train(mode)
+        torch.manual_seed(0)
+        expected = expected_model(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("peft", ADAPTER_KINDS + ["ln", "linear", "channels"])
 @pytest.mark.parametrize("fused", [False, "auto"])
 def test_zero_peft_without_gist_equals_timm(peft, fused):
@@ -171,13 +182,7 @@ def test_whole_patched_model_saves_and_loads(tmp_path, peft, memory):
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert loaded.gist_fast_config == model.gist_fast_config
     assert all(b.forward.args[0] is b for b in loaded.blocks if isinstance(b.forward, functools.partial))
-    x = images()
-    for mode in (True, False):
-        model.train(mode), loaded.train(mode)
-        torch.manual_seed(0)
-        expected = model(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    _assert_same_outputs(loaded, model)
 
 
 def test_a_kind_is_one_registry_entry(monkeypatch):
@@ -228,13 +233,7 @@ def test_unpatch_gives_back_the_timm_model(peft, gist, memory):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == \
         {n: p.requires_grad for n, p in timm_copy.named_parameters()}
     assert all("forward" not in b.__dict__ for b in model.blocks) and "forward" not in model.__dict__
-    x = images()
-    for mode in (True, False):
-        model.train(mode), timm_copy.train(mode)
-        torch.manual_seed(0)
-        expected = timm_copy(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    _assert_same_outputs(model, timm_copy)
     again = gist_fast.patch(model, peft=peft, gist=gist, memory=memory, channels=channels, verbose=False)
     assert again.gist_fast_config == _patched_copy(timm_copy, peft=peft, gist=gist, memory=memory,
                                                    channels=channels).gist_fast_config

@@ -168,6 +168,12 @@ def adapter(
     return out.view(x.shape)
 
 
+def fusable_norm(norm) -> bool:
+    """Whether adapter_norm (and so the lean block) computes this norm: an affine LayerNorm over the last
+    dimension."""
+    return isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
+
+
 def adapter_norm(
     x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: float,
     norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-6,
