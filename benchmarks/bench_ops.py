@@ -40,6 +40,7 @@ import gist_fast
 from gist_fast import bench_harness as harness
 from gist_fast import bench_report, ops, reference
 from gist_fast.bench_harness import Row, make_row
+from gist_fast.ops import _backend
 
 PROVIDERS = ("gist_fast", "eager", "compile", "liger")
 PASSES = (("gist_fast", "eager", "liger"), ("compile",))
@@ -182,8 +183,10 @@ def op_modes(case: OpCase) -> Dict[str, Callable[[], None]]:
 
 def _gist_fast_missing(device: torch.device) -> Optional[str]:
     """Why the gist_fast provider would not run a fused kernel here, or None."""
-    if device.type == "cpu" and importlib.util.find_spec("gist_fast._C") is None:
+    if device.type == "cpu" and not _backend.HAS_CPP:
         return "skipped: gist_fast._C not built (the op would run its plain-torch contract)"
+    if device.type == "cuda" and not _backend.HAS_TRITON:
+        return "skipped: triton not installed (the op would run its plain-torch contract)"
     return None
 
 

@@ -118,7 +118,6 @@ def _ints(text: str, option: str) -> List[int]:
 @dataclasses.dataclass
 class Settings:
     """The command line, checked and with the device's defaults filled in."""
-
     device: torch.device
     models: List[str]
     impls: List[str]
@@ -195,7 +194,6 @@ def _compiled_scope():
 
 class Runner:
     """One implementation's training step on one model."""
-
     def __init__(self, impl: str, model, device, amp_dtype):
         self.impl, self.model, self.device, self.amp_dtype = impl, model, device, amp_dtype
         self.loss_fn = gist_fast.GistLoss(fused=impl.startswith("gist_fast"))
@@ -261,11 +259,8 @@ def max_batch_cuda(runner: Runner, budget: int, num_classes: int, start: int = 1
     return memory.largest_batch(fits, start, limit)
 
 
-
-
 def _max_batch(runner: Runner, saved, budget: int, num_classes: int, deadline: Deadline):
     """(largest batch within budget, how it was found), or None where it cannot be told."""
-
     if runner.device.type == "cuda" and not runner.impl.endswith("_compile"):
         if not deadline.allows():
             return None, "skipped: time budget"
@@ -273,9 +268,8 @@ def _max_batch(runner: Runner, saved, budget: int, num_classes: int, deadline: D
     if saved is None:
         return None  # saved-tensor hooks do not see inside a compiled graph
     free = budget - gist_fast.memory.training_state_bytes(runner.model) - max(saved.fixed, 0)
-    return int(free // saved.per_image), "estimate from saved activations (no allocator on this device)"
-
-
+    estimate = max(0, int(free // max(saved.per_image, 1.0)))
+    return estimate, "estimate from saved activations (no allocator on this device)"
 
 
 def _groups(impls: List[str], cuda: bool) -> List[List[str]]:
@@ -349,7 +343,6 @@ def _cell(s: Settings, env, m: _Model, runners: Dict[str, Runner], batch: int) -
 def _build_runners(s: Settings, env, m: _Model, group: List[str]):
     """The group's runners, and the rows of their saved activations per image (compiled graphs hide
     theirs from saved-tensor hooks)."""
-
     runners = {impl: Runner(impl, build(impl, m.base, m.ref_state, s.device), s.device, s.amp_dtype)
                for impl in group}
     saved = {impl: gist_fast.activation_bytes(r.model, m.sample, r.class0_loss, s.amp_dtype)

@@ -179,9 +179,10 @@ def train_markdown(rows: Sequence[Row]) -> str:
             f"max batch in {_budget(rows)}"]
     keys = cells.keys()
     body = [_train_line(cells, k, columns) for k in keys]
-    largest = {c: max(x for cc, x, _ in keys if cc == c) for c, _, _ in keys}
+    measured = [(c, x) for c, x, p in keys if cells.get(c, p, x, "ms").p50 is not None]  # not skipped
+    largest = {c: max(x for cc, x in measured if cc == c) for c, _ in measured}
     pick = [*range(n + 7), n + 8, n + 9]  # all but |Δloss|
-    summary = [[line[i] for i in pick] for k, line in zip(keys, body) if k[1] == largest[k[0]]]
+    summary = [[line[i] for i in pick] for k, line in zip(keys, body) if k[1] == largest.get(k[0])]
     setting = ", ".join(f"{k}={v}" for k, v in constant.items() if k != "model")
     lines = [f"# gist-fast bench: a whole training step ({', '.join(_unique(r.device for r in rows))})", "",
              *_environment_lines(rows),

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gist_fast.ops._backend import FUSED_DTYPES
 from gist_fast.ops.adapter import adapter_bwd, adapter_fwd, fusable_norm
 
 MEMORY_MODES = ("lean", "min")
@@ -78,7 +79,7 @@ def unsupported_reason(block: nn.Module) -> Optional[str]:
         if not (isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)):
             return "unsupported LayerScale"
     if not (fusable_norm(block.norm1) and fusable_norm(block.norm2)):
-        return "norms must be affine LayerNorms"
+        return "norms must be affine LayerNorms (with weight and bias)"
     return None
 
 
@@ -99,12 +100,14 @@ def _frozen_weights(block: nn.Module) -> Tuple[Optional[Tensor], ...]:
             mlp.fc2.weight, mlp.fc2.bias, _ls_gamma(block.ls1), _ls_gamma(block.ls2))
 
 
-def _falls_back(block: nn.Module, attn_kwargs: dict) -> bool:
+def _falls_back(block: nn.Module, x: Tensor, attn_kwargs: dict) -> bool:
     """Whether this call takes the eager forward. Each reason can change after patch(): attention masks and
     torch.compile tracing are per call; dropout is active only in training and its rate is a plain attribute;
     requires_grad is a flag a user may set on a frozen weight to fine-tune it (the lean path would silently give
     it no gradient); Adapter.fused is the adapter's own switch, which its eager forward also reads per call."""
     if any(v is not None and v is not False for v in attn_kwargs.values()) or torch.compiler.is_compiling():
+        return True
+    if x.dtype not in FUSED_DTYPES:  # float64: the eager forward's ops take the reference
         return True
     if not block.adapter.fused:
         return True
@@ -138,7 +141,7 @@ def lean_forward(block: nn.Module, x: Tensor, *, first, fallback, mode: str, **a
     # "auto" resolves from the input, not at patch(): models are patched on the CPU and then moved (gist-fast bench
     # and train do), so only the call knows where the block runs.
     mode = ("lean" if x.is_cuda else None) if mode == "auto" else mode
-    if mode is None or _falls_back(block, attn_kwargs):
+    if mode is None or _falls_back(block, x, attn_kwargs):
         return fallback(block, x, **attn_kwargs)
     dt = _compute_dtype(x)
     ad, n1, n2 = block.adapter, block.norm1, block.norm2

@@ -219,13 +219,13 @@ def _freeze(model: nn.Module) -> None:
 
 
 def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) -> str:
-    """Each block's PEFT module and forward, chosen here once (`_block_forward`). Returns the paths taken, with a
+    """Each block's PEFT module and forward, chosen here once (`_choose_forward`). Returns the paths taken, with a
     count each where blocks differ."""
     paths = []
     for i, block in enumerate(model.blocks):
         if kind.make is not None:
             setattr(block, kind.module, kind.make(config, model.embed_dim, i).to(**like))
-        forward, path = _block_forward(block, kind, config)
+        forward, path = _choose_forward(block, kind, config)
         if forward is not None:
             block.forward = forward
         paths.append(path)
@@ -233,7 +233,7 @@ def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) ->
     return paths[0] if len(counts) == 1 else ", ".join(f"{n}x {p}" for p, n in counts.items())
 
 
-def _block_forward(block: nn.Module, kind, config: PatchConfig):
+def _choose_forward(block: nn.Module, kind, config: PatchConfig):
     """(forward, path): the lean block where the configuration asks for it and the block's structure allows it
     (lean_block.unsupported_reason), the kind's eager forward otherwise, None for timm's own."""
     refused = lean_block.unsupported_reason(block) if config.memory is not None else None

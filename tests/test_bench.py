@@ -212,6 +212,15 @@ def _tiny_csv(folder):
     return rows
 
 
+def test_the_summary_skips_a_largest_batch_that_was_not_measured():
+    cfg = {"model": "vit_tiny_patch16_224", "dtype": "fp32"}
+    rows = [harness.make_row(ENV, "train_step", "eager", "step", "ms", "batch", 8, cfg, (10.0, 9.0, 11.0)),
+            harness.make_row(ENV, "train_step", "eager", "step", "ms", "batch", 32, cfg, None,
+                             note="skipped: time budget")]
+    summary = bench_report.train_markdown(rows).split("## Every cell")[0]
+    assert "| eager | 8 | 10.0" in summary and "| 32 |" not in summary
+
+
 def test_plot_script_draws_tables_and_pngs_from_a_csv(tmp_path, capsys):
     plot = _script("plot")
     _tiny_csv(str(tmp_path))

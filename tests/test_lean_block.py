@@ -162,6 +162,7 @@ def test_falls_back_on_attention_dropout(lean_calls):
 @pytest.mark.parametrize("kw,why", [
     (dict(qk_norm=True), "qk-norm"),
     (dict(norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False)), "affine LayerNorms"),
+    (dict(norm_layer=functools.partial(nn.LayerNorm, bias=False)), "with weight and bias"),
 ])
 def test_patch_keeps_the_eager_block_where_lean_cannot_serve(kw, why, capsys, lean_calls):
     """The block's structure is judged once, by patch(), which says why a block keeps the eager forward."""
@@ -233,3 +234,18 @@ def test_patch_memory_argument():
     assert gist_fast.patch(tiny_vit(), peft="ln", verbose=False).gist_fast_config.memory is None
     assert gist_fast.patch(tiny_vit(), memory="min", verbose=False).gist_fast_config.memory == "min"
     assert gist_fast.patch(tiny_vit(), verbose=False).gist_fast_config.memory == "auto"
+
+
+def test_float64_takes_the_eager_block(lean_calls):
+    """The op computes fp32 / bf16 / fp16: a float64 model (an oracle run) takes the eager block, whose ops take
+    the reference, instead of failing in the op."""
+    ref, lean = _pair("adapter", "lean", dtype=torch.float64)
+    x = images(2, size=40).double()
+    for m in (ref, lean):
+        out = m(x)
+        (out.logits.sum() + 0.5 * out.gist_logits.sum()).backward()
+    torch.testing.assert_close(lean(x).logits, ref(x).logits, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(ref.named_parameters(), lean.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+    assert not lean_calls

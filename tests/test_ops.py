@@ -199,8 +199,12 @@ def test_loss_nan_in_nan_out(backend):
 def test_loss_all_rows_ignored_is_nan_like_torch(backend):
     a, b, _ = _logits(3, 10, torch.float32, _device(backend))
     target = torch.full((3,), -100, device=a.device)
+    a.requires_grad_(True), b.requires_grad_(True)
     with use_backend(backend):
-        assert ops.gist_loss(a, b, target).isnan()
+        loss = ops.gist_loss(a, b, target)
+        loss.backward()
+    assert loss.isnan()
+    assert (a.grad == 0).all() and (b.grad == 0).all()  # as torch's cross-entropy: NaN mean, zero gradient
 
 
 # ---------------------------------------------------------------- registration

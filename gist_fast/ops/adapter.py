@@ -171,7 +171,8 @@ def adapter(
 def fusable_norm(norm) -> bool:
     """Whether adapter_norm (and so the lean block) computes this norm: an affine LayerNorm over the last
     dimension."""
-    return isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
+    return (isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+            and len(norm.normalized_shape) == 1)
 
 
 def adapter_norm(

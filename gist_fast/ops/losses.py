@@ -61,7 +61,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, upstream, _grad_a, _grad_b, _n_valid):
     grad_a, grad_b, n_valid = ctx.saved_tensors
-    return (*pair_loss_bwd(upstream, grad_a, grad_b, n_valid, ctx.reduction),) + (None,) * 8
+    # every row ignored: the mean is NaN but its gradient is zero (as torch's cross-entropy), not 0 * inf
+    return (*pair_loss_bwd(upstream, grad_a, grad_b, n_valid.clamp(min=1), ctx.reduction),) + (None,) * 8
 
 
 pair_loss.register_autograd(_backward, setup_context=_setup_context)
