@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp)
 
 # GIST on the embedded 8x8 digits with a small ViT: 8 epochs, about 10 s on two CPU cores (after the install)
 demo: $(VENV)/.installed
-	$(PY) -m gist_fast train --output runs/demo
+	$(PY) -m gist_fast train --output runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -330,10 +330,7 @@ def _device(name: Optional[str]) -> torch.device:
 def _plan(args, device: torch.device, emit) -> Plan:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected >= 1")
-    try:
-        xs = [int(v) for v in args.xs.split(",")] if args.xs else None
-    except ValueError:
-        raise ValueError(f"--xs {args.xs}: expected a comma list of integers") from None
+    xs = harness.positive_ints(args.xs, "--xs") if args.xs else None
     providers = _choose(args.providers, PROVIDERS, "--providers")
     if "liger" in providers and device.type == "cuda":
         try:

@@ -29,6 +29,7 @@ take --compile-seconds, any other cell nothing) are recorded as "skipped: time b
 import contextlib
 import copy
 import dataclasses
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -71,7 +72,8 @@ def _parse(argv: Optional[List[str]]):
                    "1 is steadier on a loaded machine)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--img-size", type=int, default=224, help="input resolution (smaller for smoke tests)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>); "
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/<device>; the committed results: "
+                   "benchmarks/results/<device>); "
                    "rows are appended to its results.csv")
     p.add_argument("--no-plots", action="store_true", help="write bench.md but no PNGs")
     p.add_argument("--seed", type=int, default=0)
@@ -108,13 +110,6 @@ def _full_name(name: str) -> str:
     return name if "patch" in name else f"{name}_patch16_224"
 
 
-def _ints(text: str, option: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{option} {text}: expected a comma list of integers") from None
-
-
 @dataclasses.dataclass
 class Settings:
     """The command line, checked and with the device's defaults filled in."""
@@ -149,14 +144,16 @@ def settings(args) -> Settings:
     unknown = [m for m in models if not timm.is_model(m)]
     if unknown:
         raise ValueError(f"--models {','.join(unknown)}: not timm models (short names: vit_tiny, vit_small, vit_base)")
-    batches = _ints(args.batches, "--batches") if args.batches else ([32, 64, 128, 256] if cuda else [8, 32])
-    if min(batches) < 1 or args.img_size < 16 or args.num_classes < 2 or (args.steps or 1) < 1:
-        raise ValueError("--batches >= 1, --img-size >= 16, --num-classes >= 2 and --steps >= 1 are needed")
+    batches = harness.positive_ints(args.batches, "--batches") if args.batches else ([32, 64, 128, 256] if cuda
+                                                                                      else [8, 32])
+    if args.img_size < 16 or args.num_classes < 2 or (args.steps is not None and args.steps < 1):
+        raise ValueError("--img-size >= 16, --num-classes >= 2 and --steps >= 1 are needed")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected >= 1")
     budget = None if str(args.memory_budget).lower() == "none" else parse_bytes(args.memory_budget)
+    steps = args.steps if args.steps is not None else (20 if cuda else 5)
     return Settings(device, models, select_impls(args.impls, args.memory), batches,
-                    args.dtype or ("bf16" if cuda else "fp32"), args.steps or (20 if cuda else 5),
+                    args.dtype or ("bf16" if cuda else "fp32"), steps,
                     args.warmup if args.warmup is not None else (3 if cuda else 1), budget, args.num_classes,
                     args.img_size, args.seed, args.time_budget, args.compile_seconds)
 
@@ -428,7 +425,7 @@ def _main(argv: Optional[List[str]]) -> int:
     s = settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or harness.results_dir(s.device)
+    out = args.out or os.path.join("runs", "bench", harness.device_slug(s.device))
     path = harness.open_results(out)
 
     def publish(new: List[Row]) -> None:

@@ -334,8 +334,20 @@ class Parser(argparse.ArgumentParser):
         raise CliExit(status)
 
 
+def positive_ints(text: str, option: str) -> List[int]:
+    """'8,32' -> [8, 32]; anything but a comma list of integers >= 1 is a one-line error naming the option."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} {text}: expected a comma list of integers, each {option} >= 1")
+    return values
+
+
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """body()'s exit code; --help's 0; 2 with one line on stderr for a bad option or an unusable path."""
+    """body()'s exit code; --help's 0; 2 with one line on stderr for a bad option or an unusable path; 130 on
+    Ctrl-C."""
     try:
         return body()
     except CliExit as e:
@@ -343,6 +355,9 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every row measured so far is already in the CSV
+        print(f"{prog}: interrupted; the rows measured so far are in the results CSV", file=sys.stderr)
+        return 130
 
 
 def open_results(out: str) -> str:

@@ -13,6 +13,7 @@ every step in place of `loss_fn(model(images), target).backward()` (gist_fast.tr
 through backward_in_parts). largest_batch + cuda_step_fits measure the largest batch on CUDA.
 """
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -107,7 +108,8 @@ def activation_bytes(model: nn.Module, images: Tensor, loss_fn: Optional[Callabl
     autograd, each storage once; parameters and buffers do not count. Runs the batch and its first
     half, so per_image is the slope and fixed the rest. Works on any device (no allocator
     statistics); under autocast when autocast_dtype is given. The model is run as it is (train mode
-    gives the training graph)."""
+    gives the training graph). loss_fn must take an output of any batch size (build its target from
+    the output, e.g. torch.zeros(len(logits), dtype=torch.long))."""
     batch = images.shape[0]
     full = _count(model, images, loss_fn, autocast_dtype)
     if batch < 2:
@@ -164,6 +166,10 @@ def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, samp
         report = activation_bytes(model, sample, loss_fn, autocast_dtype)
         free = budget * headroom - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
         micro = int(max(1, min(batch_size, free // max(report.per_image, 1.0))))
+        if free < report.per_image:
+            warnings.warn(f"a memory budget of {budget:,} bytes leaves no room for one image (the training state "
+                          f"takes {training_state_bytes(model, optimizer_states):,}, an image "
+                          f"{report.per_image:,.0f}): running micro-batches of 1", stacklevel=2)
         if not (sample.device.type == "cuda" if probe is None else probe):
             return micro
         # the allocator's peak counts parameters, gradients and activations; optimizer states come on top

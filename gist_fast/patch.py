@@ -85,7 +85,8 @@ def check_model(model: nn.Module) -> None:
     if odd:
         raise TypeError(f"gist_fast.patch supports {SUPPORTED}; this model has blocks of type {sorted(odd)}")
     if hasattr(model, "gist_fast_config"):
-        raise RuntimeError("this model is already patched by gist_fast; create a fresh timm model to patch it again")
+        raise RuntimeError("this model is already patched by gist_fast; gist_fast.unpatch(model) undoes it, "
+                           "or create a fresh timm model")
 
 
 def _normalize_channels(channels, depth: int, dim: int) -> List[List[int]]:
@@ -233,12 +234,15 @@ def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) ->
     return paths[0] if len(counts) == 1 else ", ".join(f"{n}x {p}" for p, n in counts.items())
 
 
+_LEAN_PATHS = {"lean": "lean", "min": "lean(min)", "auto": "auto (lean on CUDA inputs, eager fused ops on CPU)"}
+
+
 def _choose_forward(block: nn.Module, kind, config: PatchConfig):
     """(forward, path): the lean block where the configuration asks for it and the block's structure allows it
     (lean_block.unsupported_reason), the kind's eager forward otherwise, None for timm's own."""
     refused = lean_block.unsupported_reason(block) if config.memory is not None else None
     if config.memory is not None and refused is None:
-        return lean_block.bind(block, kind, config.memory), f"lean({config.memory})"
+        return lean_block.bind(block, kind, config.memory), _LEAN_PATHS[config.memory]
     if kind.forward is None:
         return None, "timm"
     return functools.partial(kind.forward, block), f"eager (not lean: {refused})" if refused else "eager"

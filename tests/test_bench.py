@@ -307,3 +307,17 @@ def test_committed_results_follow_the_schema_and_the_readme_copies_their_tables(
     section = readme[readme.index("## Benchmarks"):readme.index("## Layout")]
     table_lines = [line for line in section.splitlines() if line.startswith("|") and "---" not in line]
     assert table_lines and all(line in generated for line in table_lines), "README tables are not the generated ones"
+
+
+def test_command_lines_end_in_one_line_and_ctrl_c_keeps_the_rows(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert harness.run_cli("x", interrupted) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert harness.positive_ints("8,32", "--batches") == [8, 32]
+    for bad in ("0", "-5", "8,x", ""):
+        with pytest.raises(ValueError, match="--xs .*integers, each --xs >= 1"):
+            harness.positive_ints(bad, "--xs")
+    assert bench.main([*TINY, "--steps", "0"]) == 2  # 0 is not "the default"
+    assert "--steps >= 1" in capsys.readouterr().err

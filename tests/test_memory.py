@@ -88,7 +88,8 @@ def test_fit_micro_batch_estimate():
     assert gist_fast.fit_micro_batch(model, 64, budget(10), sample) == 10
     assert gist_fast.fit_micro_batch(model, 64, budget(25), sample) == 25
     assert gist_fast.fit_micro_batch(model, 64, 2**40, sample) == 64
-    assert gist_fast.fit_micro_batch(model, 64, 1, sample) == 1
+    with pytest.warns(UserWarning, match="no room for one image"):
+        assert gist_fast.fit_micro_batch(model, 64, 1, sample) == 1
 
 
 @pytest.mark.parametrize("start", [1, 5, 16, 40, 100])
