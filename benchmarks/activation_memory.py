@@ -16,7 +16,7 @@ import torch
 
 import gist_fast
 from gist_fast import bench_harness as harness
-from gist_fast.bench_report import write_reports
+from gist_fast.bench_report import results_sink
 
 VARIANTS = (("eager", dict(fused=False), False), ("checkpoint", dict(fused=False), True),
             ("lean", dict(memory="lean"), False), ("min", dict(memory="min"), False))
@@ -53,9 +53,8 @@ def _main(argv: Optional[List[str]]) -> int:
     args = p.parse_args(argv)
     if not timm.is_model(args.model):
         raise ValueError(f"--model {args.model}: not a timm model")
-    path = harness.open_results(args.out)
-    harness.append_rows(path, rows(args.model, harness.environment(torch.device("cpu"))))
-    print("\n".join(write_reports(args.out, plots=False)))
+    _, emit = results_sink(args.out)
+    print("\n".join(emit(rows(args.model, harness.environment(torch.device("cpu"))))))
     return 0
 
 

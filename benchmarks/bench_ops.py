@@ -320,13 +320,6 @@ def _parse(argv: Optional[List[str]]):
     return p.parse_args(argv)
 
 
-def _device(name: Optional[str]) -> torch.device:
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"--device {name}: expected cpu, or cuda on a machine with a GPU")
-    return torch.device(name)
-
-
 def _plan(args, device: torch.device, emit) -> Plan:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected >= 1")
@@ -350,14 +343,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]]) -> int:
     args = _parse(argv)
-    device = _device(args.device)
+    device = harness.device(args.device)
     out = args.out or harness.results_dir(device)
-    path = harness.open_results(out)
-
-    def emit(rows: List[Row]) -> None:
-        harness.append_rows(path, rows)
-        bench_report.write_reports(out, plots=False)
-
+    _, emit = bench_report.results_sink(out)
     plan = _plan(args, device, emit)
     if args.threads:
         torch.set_num_threads(args.threads)

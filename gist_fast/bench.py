@@ -20,7 +20,7 @@ running steps; CPU: estimated from saved activations and training state, marked 
 implementation's model is on the GPU at a time, so its peak memory and largest batch are its own; on
 CPU every implementation is timed in interleaved rounds (a shared CPU's load drifts).
 
-Every result is a row appended to --out/results.csv (default benchmarks/results/<device>/) as soon
+Every result is a row appended to --out/results.csv (default runs/bench/<device>/) as soon
 as its cell is measured, and bench.md is redrawn from that CSV after every cell, bench_throughput.png
 and bench_memory.png at the end (gist_fast.bench_report; benchmarks/plot.py redraws them). With
 --time-budget, cells that would end after it (a compiled implementation's first cell is expected to
@@ -98,14 +98,6 @@ def select_impls(impls: Optional[str], memory: Optional[str]) -> List[str]:
     return [i for i in IMPLS if i in requested and (i not in MEMORY or (MEMORY[i] or "none") in modes)]
 
 
-def _device(name: Optional[str]) -> torch.device:
-    """--device, checked: cpu, or cuda where there is one (default: cuda when available)."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.split(":")[0] not in ("cpu", "cuda") or (name.startswith("cuda") and not torch.cuda.is_available()):
-        raise ValueError(f"--device {name}: expected cpu, or cuda on a machine with a GPU")
-    return torch.device(name)
-
-
 def _full_name(name: str) -> str:
     return name if "patch" in name else f"{name}_patch16_224"
 
@@ -138,7 +130,7 @@ def settings(args) -> Settings:
 
     from gist_fast.memory import parse_bytes
 
-    device = _device(args.device)
+    device = harness.device(args.device)
     cuda = device.type == "cuda"
     models = [_full_name(m) for m in (args.models.split(",") if args.models else (MODELS if cuda else MODELS[:1]))]
     unknown = [m for m in models if not timm.is_model(m)]
@@ -168,7 +160,6 @@ def step_gflops(model) -> float:
 
 
 def build(impl: str, base, ref_state, device) -> torch.nn.Module:
-
     model = copy.deepcopy(base)
     if impl in ("eager", "eager_compile", "checkpoint"):
         gist_fast.patch(model, fused=False, verbose=False)
@@ -191,6 +182,7 @@ def _compiled_scope():
 
 class Runner:
     """One implementation's training step on one model."""
+
     def __init__(self, impl: str, model, device, amp_dtype):
         self.impl, self.model, self.device, self.amp_dtype = impl, model, device, amp_dtype
         self.loss_fn = gist_fast.GistLoss(fused=impl.startswith("gist_fast"))
@@ -264,8 +256,7 @@ def _max_batch(runner: Runner, saved, budget: int, num_classes: int, deadline: D
         return max_batch_cuda(runner, budget, num_classes), "measured"
     if saved is None:
         return None  # saved-tensor hooks do not see inside a compiled graph
-    free = budget - gist_fast.memory.training_state_bytes(runner.model) - max(saved.fixed, 0)
-    estimate = max(0, int(free // max(saved.per_image, 1.0)))
+    estimate = gist_fast.memory.images_within(runner.model, saved, budget)
     return estimate, "estimate from saved activations (no allocator on this device)"
 
 
@@ -385,7 +376,6 @@ def _bench_group(s: Settings, env, m: _Model, group: List[str], deadline: Deadli
 def _model(s: Settings, name: str) -> _Model:
     import timm
 
-
     torch.manual_seed(s.seed)
     base = timm.create_model(name, pretrained=False, num_classes=s.num_classes, img_size=s.img_size)
     ref_state = gist_fast.patch(copy.deepcopy(base), fused=False, verbose=False).state_dict()
@@ -426,13 +416,8 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", "bench", harness.device_slug(s.device))
-    path = harness.open_results(out)
-
-    def publish(new: List[Row]) -> None:
-        harness.append_rows(path, new)
-        bench_report.write_reports(out, plots=False)
-
-    rows = run(s, on_rows=publish)
+    path, emit = bench_report.results_sink(out)
+    rows = run(s, on_rows=emit)
     written = bench_report.write_reports(out, plots=not args.no_plots)
     print(bench_report.train_markdown(rows))
     print(f"appended {len(rows)} rows to {path}; wrote " + ", ".join(written))

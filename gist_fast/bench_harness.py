@@ -360,9 +360,12 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
         return 130
 
 
-def open_results(out: str) -> str:
-    """out/results.csv, its folder made and an existing file checked for the schema."""
-    path = os.path.join(out, RESULTS_CSV)
-    os.makedirs(out, exist_ok=True)
-    check_csv(path)
-    return path
+def device(name: Optional[str]) -> torch.device:
+    """--device, checked: cpu, or cuda[:N] for a GPU this machine has (default: cuda when available)."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    numbered = not index or index.isdigit()
+    if not numbered or not (kind == "cpu" or (kind == "cuda" and (int(index or 0) < gpus))):
+        raise ValueError(f"--device {name}: expected cpu, or cuda on a machine with a GPU")
+    return torch.device(name)

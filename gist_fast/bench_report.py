@@ -11,9 +11,9 @@ In every table, ms is the median (p50) with ± half the p20–p80 spread, relati
 import math
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from gist_fast.bench_harness import RESULTS_CSV, Row, latest, parse_config, read_rows
+from gist_fast.bench_harness import RESULTS_CSV, Row, append_rows, check_csv, latest, parse_config, read_rows
 
 TRAIN_OP, ACTIVATIONS_OP = "train_step", "saved_activations"
 OP_BASE, TRAIN_BASE = "gist_fast", "eager"  # what ratios are taken against
@@ -426,6 +426,20 @@ def _write_text(path: str, text: str) -> str:
         fh.write(text)
     os.replace(path + ".tmp", path)
     return path
+
+
+def results_sink(out: str) -> Tuple[str, Callable[[List[Row]], List[str]]]:
+    """(out/results.csv, emit): the folder made, an existing CSV checked for the schema; emit(rows) appends
+    them and redraws the markdown (so a run stopped part-way keeps its tables), returning what it wrote."""
+    path = os.path.join(out, RESULTS_CSV)
+    os.makedirs(out, exist_ok=True)
+    check_csv(path)
+
+    def emit(rows: List[Row]) -> List[str]:
+        append_rows(path, rows)
+        return write_reports(out, plots=False)
+
+    return path, emit
 
 
 def write_reports(folder: str, plots: bool = True) -> List[str]:

@@ -149,6 +149,13 @@ def parse_bytes(text) -> int:
     return int(size)
 
 
+def images_within(model: nn.Module, report: ActivationReport, budget: float, optimizer_states: int = 2) -> int:
+    """How many images' saved activations (report.per_image each) fit in `budget` bytes beside the training
+    state (training_state_bytes) and the fixed saved bytes; 0 when not one does."""
+    free = budget - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
+    return max(0, int(free // max(report.per_image, 1.0)))
+
+
 def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, sample: Tensor,
                     autocast_dtype: Optional[torch.dtype] = None, loss_fn: Optional[Callable] = None,
                     optimizer_states: int = 2, headroom: float = 0.85, probe: Optional[bool] = None) -> int:
@@ -164,9 +171,9 @@ def fit_micro_batch(model: nn.Module, batch_size: int, memory_budget_bytes, samp
     devices = [sample.device] if sample.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the probing forwards must not shift the training's dropout stream
         report = activation_bytes(model, sample, loss_fn, autocast_dtype)
-        free = budget * headroom - training_state_bytes(model, optimizer_states) - max(report.fixed, 0.0)
-        micro = int(max(1, min(batch_size, free // max(report.per_image, 1.0))))
-        if free < report.per_image:
+        fitting = images_within(model, report, budget * headroom, optimizer_states)
+        micro = max(1, min(batch_size, fitting))
+        if fitting == 0:
             warnings.warn(f"a memory budget of {budget:,} bytes leaves no room for one image (the training state "
                           f"takes {training_state_bytes(model, optimizer_states):,}, an image "
                           f"{report.per_image:,.0f}): running micro-batches of 1", stacklevel=2)
@@ -283,5 +290,6 @@ def step_with_budget(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     return loss
 
 
-__all__ = ["ActivationReport", "activation_bytes", "training_state_bytes", "parse_bytes", "fit_micro_batch",
-           "largest_batch", "cuda_step_fits", "backward_in_parts", "accumulate_backward", "step_with_budget"]
+__all__ = ["ActivationReport", "activation_bytes", "training_state_bytes", "parse_bytes", "images_within",
+           "fit_micro_batch", "largest_batch", "cuda_step_fits", "backward_in_parts", "accumulate_backward",
+           "step_with_budget"]

@@ -2,7 +2,8 @@
 implementation (any device without a kernel of its own: CPU without gist_fast._C, CUDA without triton, others).
 
 fp32 math on the logits' rows with the gradients written out (the op's body runs below autograd, so autograd
-cannot derive them there), as the C++ and Triton kernels compute them; the losses are gist_fast.reference's.
+cannot derive them there), as the C++ and Triton kernels compute them; the math is gist_fast.reference's,
+restated per row.
 """
 import torch
 import torch.nn.functional as F
