@@ -96,3 +96,20 @@ def channel_linear(x: Tensor, channels: Tensor, weight: Tensor, bias: Tensor) ->
     """Two-stage, stage 2: x[..., I] <- x[..., I] + W x[..., I] + b on the selected channels I."""
     picked = x.index_select(-1, channels)
     return x.index_add(-1, channels, F.linear(picked, weight, bias))
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, gelu: bool = False) -> Tensor:
+    """SSF (METHODS §6): x ⊙ γ + β over the last dimension, then the exact GELU when `gelu` (SSF after fc1
+    rides with the MLP's activation)."""
+    y = torch.addcmul(shift, x, scale)
+    return F.gelu(y) if gelu else y
+
+
+def lora_qv(qkv: Tensor, down_q: Tensor, up_q: Tensor, down_v: Tensor, up_v: Tensor, alpha: float,
+            num_heads: int) -> Tensor:
+    """Per-head LoRA on q and v (METHODS §6): qkv (..., 3D) is the qkv Linear's output (bias included), split as
+    (3, heads, d_h); q_h <- q_h + α up_q(down_q q_h), v_h likewise, k unchanged; down (r, d_h), up (d_h, r)."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(-3)
+    q = q + alpha * F.linear(F.linear(q, down_q), up_q)
+    v = v + alpha * F.linear(F.linear(v, down_v), up_v)
+    return torch.stack((q, k, v), dim=-3).flatten(-3)
