@@ -100,9 +100,10 @@ def channel_linear(x: Tensor, channels: Tensor, weight: Tensor, bias: Tensor) ->
 
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, gelu: bool = False) -> Tensor:
     """SSF (METHODS §6): x ⊙ γ + β over the last dimension, then the exact GELU when `gelu` (SSF after fc1
-    rides with the MLP's activation)."""
+    rides with the MLP's activation); computed in the promoted dtype, returned in x's (an SSF keeps the
+    activation's dtype: bf16 under autocast)."""
     y = torch.addcmul(shift, x, scale)
-    return F.gelu(y) if gelu else y
+    return (F.gelu(y) if gelu else y).to(x.dtype)
 
 
 def lora_qv(qkv: Tensor, down_q: Tensor, up_q: Tensor, down_v: Tensor, up_v: Tensor, alpha: float,
@@ -110,6 +111,7 @@ def lora_qv(qkv: Tensor, down_q: Tensor, up_q: Tensor, down_v: Tensor, up_v: Ten
     """Per-head LoRA on q and v (METHODS §6): qkv (..., 3D) is the qkv Linear's output (bias included), split as
     (3, heads, d_h); q_h <- q_h + α up_q(down_q q_h), v_h likewise, k unchanged; down (r, d_h), up (d_h, r)."""
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(-3)
-    q = q + alpha * F.linear(F.linear(q, down_q), up_q)
-    v = v + alpha * F.linear(F.linear(v, down_v), up_v)
+    dt = qkv.dtype  # the factors follow the activation (fp32 factors on a bf16 qkv under autocast)
+    q = q + alpha * F.linear(F.linear(q, down_q.to(dt)), up_q.to(dt))
+    v = v + alpha * F.linear(F.linear(v, down_v.to(dt)), up_v.to(dt))
     return torch.stack((q, k, v), dim=-3).flatten(-3)
