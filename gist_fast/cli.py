@@ -4,7 +4,9 @@
     gist-fast train --framework idat --data ROOT --task cifar --pretrained
     torchrun --nproc_per_node 4 -m gist_fast train --data ROOT --task dtd --pretrained
     gist-fast eval runs/train/best.pt
+    gist-fast train --peft vpt --prompts 200 --data ROOT --task dtd --pretrained   # GIST over VPT-shallow
     gist-fast vtab --data ROOT --pretrained --output runs/vtab
+    gist-fast vtab --data ROOT --pretrained --peft adapter,vpt,lora,ssf --output runs/kinds   # kinds x tasks
 
 A mistake in the input (an option value, a model, a file) ends with one line naming it, exit status 2.
 """
@@ -54,7 +56,7 @@ def _size(text: str) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    _add_method_options(p)
+    _add_method_options(p, sweep)
     d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
     d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
     if not sweep:  # the sweep names its tasks with --tasks, and each VTAB task has its own class count
@@ -63,19 +65,53 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _add_recipe_and_run_options(p)
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
-    from gist_fast.peft import KINDS
+def _kinds(text: str) -> List[str]:
+    """vtab --peft: 'adapter,vpt,lora' -> the kinds, each one of gist_fast.peft.TUNABLE, each once."""
+    from gist_fast.peft import TUNABLE
 
-    ADAPTER_KINDS = tuple(k for k, kind in KINDS.items() if kind.is_adapter)  # what --peft can swap
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in TUNABLE]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or repr(text)}: name kinds separated by commas, "
+                                         f"from {', '.join(TUNABLE)}")
+    twice = sorted({k for k in kinds if kinds.count(k) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named twice")
+    return kinds
+
+
+def _add_method_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    from gist_fast.peft import KINDS, TUNABLE
     from gist_fast.training.recipe import FRAMEWORKS, FUSED_MODES
 
     m = p.add_argument_group("method")
     m.add_argument("--framework", choices=FRAMEWORKS, help="gist (default): adapter + Gist token + GistLoss; adapter: "
                    "the same without the token; idat: a teacher trained jointly; two-stage: LayerNorms, then Taylor-"
                    "selected channels; linear: head only")
-    m.add_argument("--peft", choices=ADAPTER_KINDS,
-                   help="override the adapter kind of gist/adapter/idat (e.g. adaptformer)")
-    m.add_argument("--rank", type=int, help="adapter bottleneck (4)")
+    kinds = ("adapter (gist's and adapter's own), seq-adapter (idat's), adaptformer, vpt (VPT-shallow prompts), lora "
+             "(the GIST authors' per-head LoRA on q and v), qkv-lora (Hu et al.'s LoRA on the qkv Linear, HF PEFT's "
+             "layout), ssf (scale and shift)")
+    if sweep:
+        m.add_argument("--peft", type=_kinds, metavar="KIND[,KIND...]",
+                       help=f"sweep these PEFT kinds (with the Gist token under --framework gist, without under "
+                       f"adapter) into one table of kinds x tasks (default: the framework's own kind, the per-task "
+                       f"table). Kinds: {kinds}")
+    else:
+        m.add_argument("--peft", choices=TUNABLE, metavar="KIND",
+                       help=f"the PEFT kind of gist/adapter/idat (gist: with the Gist token, adapter: without): "
+                       f"{kinds}")
+    m.add_argument("--rank", type=int, help="bottleneck of the adapter kinds, rank r of lora and qkv-lora (4)")
+    m.add_argument("--prompts", type=int, help=f"vpt: the number N of prompt tokens ({KINDS['vpt'].prompts}, the "
+                   "authors' VTAB script)")
+    m.add_argument("--alpha", type=float, help=f"lora: alpha in q += alpha * up(down(q)), the same for v "
+                   f"({KINDS['lora'].alpha:g}, no 1/r factor); qkv-lora: Hu et al.'s alpha, the update "
+                   f"(alpha / r) * B A h ({KINDS['qkv-lora'].alpha:g})")
+    m.add_argument("--gist-temperature", type=float, metavar="T",
+                   help="gist: GistLoss temperature T: its two KL terms compare softmax(z / T) of the CLS and the Gist "
+                   "logits, no T^2 factor (3, the GIST code's; the authors' later gistb code: 10)")
+    m.add_argument("--gist-weight", type=float, metavar="LAMBDA",
+                   help="gist: GistLoss lambda, the weight of each of the two KL terms, CE(cls) + 0.5 CE(gist) + "
+                   "lambda (KL(cls||gist) + KL(gist||cls)) (0.75; GistLoss(kl_weight=); the 0.5 stays)")
     m.add_argument("--distill-kind", choices=("kl", "mse"), help="iDAT distillation term (kl, T = 5)")
     m.add_argument("--stage1-epochs", type=int, help="two-stage: LayerNorm epochs (a tenth of the run)")
     m.add_argument("--channels-k", type=int, help="two-stage: channels kept per block (D/8: 96 for ViT-B)")
@@ -124,8 +160,6 @@ def _add_recipe_and_run_options(p: argparse.ArgumentParser) -> None:
                    "(its checkpoints, log and result are replaced)")
 
 
-
-
 def parser() -> argparse.ArgumentParser:
     from gist_fast import __version__
 
@@ -154,10 +188,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_config(given: dict):
+def _train_config(given: dict, kinds: Optional[List[str]] = None):
+    """The run's TrainConfig from the options set on the command line (kinds: a sweep's --peft list)."""
     from gist_fast.training.recipe import TrainConfig, check_framework_options
 
-    check_framework_options(given.get("framework", TrainConfig.framework), given)
+    framework = given.get("framework", TrainConfig.framework)
+    check_framework_options(framework, {**given, **({"peft": kinds} if kinds else {})}, kinds)
     return TrainConfig(**given)
 
 
@@ -177,11 +213,11 @@ def _run(command: str, args: dict) -> None:
             print(f"done: last accuracy {result['last_acc']:.2f}%  best {result['best_acc']:.2f}%  "
                   f"({result['trainable']:,} trainable parameters, {result['wall_s']:.0f} s)")
     elif command == "vtab":
-        tasks = args.pop("tasks", None)
+        tasks, kinds = args.pop("tasks", None), args.pop("peft", None)
         if "data" not in args:
             raise ValueError("gist-fast vtab needs --data ROOT (the VTAB-1K root)")
         args.setdefault("output", "runs/vtab")
-        print(vtab.run(_train_config(args), tasks, overwrite)["table"])
+        print(vtab.run(_train_config(args, kinds), tasks, overwrite, kinds)["table"])
     elif command == "eval":
         path, split = args.pop("checkpoint"), args.pop("split")
         print(json.dumps(loop.evaluate_checkpoint(path, split, **args)))

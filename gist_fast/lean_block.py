@@ -83,11 +83,12 @@ def unsupported_reason(block: nn.Module) -> Optional[str]:
     return None
 
 
-def bind(block: nn.Module, kind, mode: str) -> functools.partial:
+def bind(block: nn.Module, mode: str, *, first, fallback) -> functools.partial:
     """The forward patch() binds to a block `unsupported_reason` accepts, for an adapter kind with a lean path
     ("adapter": GIST, "adaptformer"): its first-residual step and its eager forward (the per-call fallback) are
-    chosen here, once. A functools.partial of module-level objects: a patched model stays picklable."""
-    return functools.partial(lean_forward, block, first=kind.lean, fallback=kind.forward, mode=mode)
+    chosen once (the kind's registry entry). A functools.partial of module-level objects: a patched model stays
+    picklable."""
+    return functools.partial(lean_forward, block, first=first, fallback=fallback, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------

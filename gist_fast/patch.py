@@ -1,6 +1,7 @@
 """timm ViT surgery: insert the Gist token and the PEFT modules, freeze the rest, rebind forwards (as
 functools.partial of module-level functions, which pickle: torch.save(model) / copy.deepcopy work)."""
 import functools
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
@@ -33,6 +34,8 @@ class PatchConfig:
     channels: Optional[List[List[int]]] = None
     gist_index: int = 1
     memory: Optional[str] = "auto"
+    prompts: Optional[int] = None     # vpt's prompt count
+    alpha: Optional[float] = None     # the LoRA kinds' α
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,12 +52,12 @@ class PatchConfig:
         change how the math runs, not what it is)."""
         mine = self.to_dict()
         return [f"{k}: model {mine[k]!r} vs checkpoint {saved.get(k)!r}"
-                for k in ("peft", "gist", "rank", "scale", "channels") if mine[k] != saved.get(k)]
+                for k in ("peft", "gist", "rank", "scale", "channels", "prompts", "alpha") if mine[k] != saved.get(k)]
 
     def patch_kwargs(self) -> dict:
         """The patch() arguments that rebuild this configuration on a fresh model."""
         return dict(peft=self.peft, gist=self.gist, rank=self.rank, scale=self.scale, fused=self.fused,
-                    channels=self.channels, memory=self.memory)
+                    channels=self.channels, memory=self.memory, prompts=self.prompts, alpha=self.alpha)
 
 
 @dataclass
@@ -102,12 +105,18 @@ def _normalize_channels(channels, depth: int, dim: int) -> List[List[int]]:
     return rows
 
 
-def _gist_pos_embed(self, x: Tensor) -> Tensor:
-    """timm's own position embedding, then the Gist token (no position embedding, own dropout)."""
+def _peft_pos_embed(self, x: Tensor, *, patch_tokens, tokens, gist: bool) -> Tensor:
+    """The kind's change to the patch tokens (ssf_patch), timm's own position embedding, then the Gist token and
+    the kind's tokens (prompts) after the prefix tokens, without position embedding: [CLS, g, P_1..P_N, patches].
+    The prompts' dropout draws before the Gist token's (the authors' order)."""
+    if patch_tokens is not None:
+        x = patch_tokens(self, x)
     x = type(self)._pos_embed(self, x)
     i = self.gist_fast_config.gist_index
-    gist = self.gist_drop(self.gist_token.expand(x.shape[0], -1, -1).to(x.dtype))
-    return torch.cat([x[:, :i], gist, x[:, i:]], dim=1)
+    extra = [] if tokens is None else [tokens(self, x.shape[0], x.dtype)]
+    if gist:
+        extra.insert(0, self.gist_drop(self.gist_token.expand(x.shape[0], -1, -1).to(x.dtype)))
+    return torch.cat([x[:, :i], *extra, x[:, i:]], dim=1)
 
 
 def _gist_forward(self, x: Tensor, *args, **kwargs):
@@ -128,9 +137,15 @@ def _trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
         groups["gist"] = [model.gist_token]
     if kind.trains_norms:
         groups["layernorms"] = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
-    if kind.module:
-        groups[kind.group] = [p for b in model.blocks for p in getattr(b, kind.module).parameters()]
+    if kind.modules or kind.model_modules:
+        groups[kind.group] = ([p for name in kind.model_modules for p in _tensors(getattr(model, name))]
+                              + [p for b in model.blocks for path in kind.modules
+                                 for p in b.get_submodule(path).parameters()])
     return groups
+
+
+def _tensors(m: Union[nn.Module, nn.Parameter]) -> List[nn.Parameter]:
+    return [m] if isinstance(m, nn.Parameter) else list(m.parameters())
 
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
@@ -152,38 +167,55 @@ def patch(
     channels: Optional[Union[Sequence[Sequence[int]], Tensor]] = None,
     verbose: bool = True,
     memory: Optional[str] = "auto",
+    prompts: Optional[int] = None,
+    alpha: Optional[float] = None,
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place for GIST / iDAT / two-stage PEFT and return it.
 
     peft: "adapter" (GIST's parallel adapter), "seq-adapter" (iDAT), "adaptformer", "ln" (two-stage
-    stage 1), "channels" (stage 2, needs `channels`), "linear" (head only). scale=None takes the
-    method's own (0.1 for adapter/adaptformer, 1 for seq-adapter). fused: "auto"/True use the fused
+    stage 1), "channels" (stage 2, needs `channels`), "linear" (head only), and GIST over other PEFT methods
+    (METHODS §6): "vpt" (VPT-shallow, `prompts` tokens, 200 by default), "lora" (the authors' per-head LoRA on
+    q and v, rank `rank`, `alpha` 1 by default, no α/r), "qkv-lora" (Hu et al.'s LoRA on the qkv Linear, HF
+    PEFT's layout, scaling alpha/rank, `alpha` 8 by default), "ssf" (scale and shift at every site).
+    scale=None takes the method's own (0.1 for adapter/adaptformer, 1 for seq-adapter). fused: "auto"/True use the fused
     ops (Triton on CUDA, C++ on CPU, the reference elsewhere), False the plain-PyTorch reference.
     Everything but the PEFT parameters, the gist token and the head is frozen.
-    memory: with fused ops, the block forward/backward of gist_fast.lean_block for "adapter" and
-    "adaptformer": "lean" saves the block input and the MLP pre-activation in the compute dtype,
-    "min" the block input only (more recomputation), None the eager block; "auto" is "lean" on CUDA
-    and None on CPU (where compute, not memory, limits a step and recomputation only costs time).
+    memory: with fused ops, the memory-lean block forward/backward (gist_fast.lean_block for "adapter" and
+    "adaptformer", gist_fast.lean_steps for "vpt", "lora", "qkv-lora", "ssf"): "lean" saves the block input
+    and the MLP pre-activation, "min" the block input only (more recomputation), None the eager block;
+    "auto" is "lean" on CUDA and None on CPU (where compute, not memory, limits a step and recomputation
+    only costs time).
     """
-    config = _configure(model, peft, gist, rank, scale, fused, channels, memory)
+    config = _configure(model, peft, gist, rank, scale, fused, channels, memory, prompts, alpha)
     like = _like(model)
     model._gist_fast_trained_before = [n for n, p in model.named_parameters() if p.requires_grad]  # for unpatch
     _freeze(model)
     model.gist_fast_config = config
-    paths = _insert_and_bind(model, KINDS[peft], config, like)
+    kind = KINDS[peft]
+    if kind.install is not None:
+        kind.install(model, config, like)
+    paths = _insert_and_bind(model, kind, config, like)
     if gist:
         _add_gist_token(model, like)
+    _bind_tokens(model, kind, config)
     for params in _trainable_groups(model).values():
         for p in params:
             p.requires_grad_(True)
     if verbose:
-        adapter = f" rank={rank} scale={config.scale}" if KINDS[peft].is_adapter else ""
-        print(f"gist_fast.patch: peft={peft}{adapter} gist={gist} fused={fused} blocks={paths} | "
-              f"{parameter_summary(model)}")
+        print(f"gist_fast.patch: peft={peft}{_hyperparameters(kind, config)} gist={gist} fused={fused} "
+              f"blocks={paths} | {parameter_summary(model)}")
     return model
 
 
-def _configure(model, peft, gist, rank, scale, fused, channels, memory) -> PatchConfig:
+def _hyperparameters(kind, config: PatchConfig) -> str:
+    if kind.is_adapter:
+        return f" rank={config.rank} scale={config.scale}"
+    if kind.alpha is not None:
+        return f" rank={config.rank} alpha={config.alpha}"
+    return f" prompts={config.prompts}" if kind.prompts is not None else ""
+
+
+def _configure(model, peft, gist, rank, scale, fused, channels, memory, prompts, alpha) -> PatchConfig:
     """Check every argument against the model; the configuration patch() applies."""
     check_model(model)
     if peft not in KINDS:
@@ -193,6 +225,9 @@ def _configure(model, peft, gist, rank, scale, fused, channels, memory) -> Patch
         raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
     if not 1 <= rank <= 1024:
         raise ValueError(f"rank must be in [1, 1024], got {rank}")
+    refused = kind.check(model) if kind.check is not None else None
+    if refused:
+        raise TypeError(f"peft={peft!r} cannot patch this model: {refused}")
     if gist and not kind.takes_gist:
         raise ValueError(f"peft={peft!r} cannot carry the Gist token (gist=False)")
     if gist and getattr(model, "attn_pool", None) is not None:
@@ -200,12 +235,29 @@ def _configure(model, peft, gist, rank, scale, fused, channels, memory) -> Patch
                          "this model pools with attention (global_pool='map')")
     if memory not in MEMORY_MODES + ("auto", None):
         raise ValueError(f"memory must be one of {MEMORY_MODES + ('auto',)} or None, got {memory!r}")
+    _check_kind_options(kind, prompts, alpha)
     return PatchConfig(
         peft=peft, gist=gist, rank=rank, scale=float((kind.scale or 0.0) if scale is None else scale),
         fused=fused is not False, gist_index=model.num_prefix_tokens,
         channels=_normalize_channels(channels, len(model.blocks), model.embed_dim) if peft == "channels" else None,
         memory=memory if fused is not False and kind.lean else None,
+        prompts=(kind.prompts if prompts is None else int(prompts)) if kind.prompts is not None else None,
+        alpha=(kind.alpha if alpha is None else float(alpha)) if kind.alpha is not None else None,
     )
+
+
+def _check_kind_options(kind, prompts, alpha) -> None:
+    """prompts only for a prompt kind, alpha only for a LoRA kind: naming one for another kind is a mistake."""
+    if prompts is not None:
+        if kind.prompts is None:
+            raise ValueError(f"prompts= is vpt's option, not {kind.name!r}'s")
+        if isinstance(prompts, bool) or int(prompts) != prompts or prompts < 1:
+            raise ValueError(f"prompts must be a positive integer, got {prompts!r}")
+    if alpha is not None:
+        if kind.alpha is None:
+            raise ValueError(f"alpha= is the LoRA kinds' option (lora, qkv-lora), not {kind.name!r}'s")
+        if isinstance(alpha, bool) or not math.isfinite(float(alpha)):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
 
 
 def _like(model: nn.Module) -> dict:
@@ -225,7 +277,9 @@ def _insert_and_bind(model: nn.Module, kind, config: PatchConfig, like: dict) ->
     paths = []
     for i, block in enumerate(model.blocks):
         if kind.make is not None:
-            setattr(block, kind.module, kind.make(config, model.embed_dim, i).to(**like))
+            for path, module in kind.make(config, block, i).items():
+                parent, _, name = path.rpartition(".")
+                block.get_submodule(parent).add_module(name, module.to(**like))
         forward, path = _choose_forward(block, kind, config)
         if forward is not None:
             block.forward = forward
@@ -242,21 +296,36 @@ def _choose_forward(block: nn.Module, kind, config: PatchConfig):
     (lean_block.unsupported_reason), the kind's eager forward otherwise, None for timm's own."""
     refused = lean_block.unsupported_reason(block) if config.memory is not None else None
     if config.memory is not None and refused is None:
-        return lean_block.bind(block, kind, config.memory), _LEAN_PATHS[config.memory]
+        return kind.lean(block, config.memory), _LEAN_PATHS[config.memory]
     if kind.forward is None:
         return None, "timm"
     return functools.partial(kind.forward, block), f"eager (not lean: {refused})" if refused else "eager"
 
 
 def _add_gist_token(model: nn.Module, like: dict) -> None:
-    """The Gist token after the prefix tokens (no position embedding, its own dropout) and the two-output forward."""
+    """The Gist token (its position and dropout: _bind_tokens) and the two-output forward."""
     model.gist_token = nn.Parameter(torch.empty(1, 1, model.embed_dim).uniform_(-0.5, 0.5).to(**like))
     model.gist_drop = nn.Dropout(0.1)
-    model.num_prefix_tokens += 1  # timm's pooling then skips the gist token as it skips CLS
-    if hasattr(model.patch_drop, "num_prefix_tokens"):
-        model.patch_drop.num_prefix_tokens += 1
-    model._pos_embed = functools.partial(_gist_pos_embed, model)
     model.forward = functools.partial(_gist_forward, model)
+
+
+def _extra_tokens(config: PatchConfig) -> int:
+    return int(config.gist) + (config.prompts or 0)
+
+
+def _count_prefix(model: nn.Module, n: int) -> None:
+    """timm's pooling and patch dropout skip the Gist token and the prompts as they skip CLS."""
+    model.num_prefix_tokens += n
+    if hasattr(model.patch_drop, "num_prefix_tokens"):
+        model.patch_drop.num_prefix_tokens += n
+
+
+def _bind_tokens(model: nn.Module, kind, config: PatchConfig) -> None:
+    """The patched _pos_embed where the Gist token or the kind changes the token sequence."""
+    if config.gist or kind.tokens is not None or kind.patch_tokens is not None:
+        model._pos_embed = functools.partial(_peft_pos_embed, model, patch_tokens=kind.patch_tokens,
+                                             tokens=kind.tokens, gist=config.gist)
+        _count_prefix(model, _extra_tokens(config))
 
 
 def patch_config(model: nn.Module) -> dict:
@@ -272,15 +341,19 @@ def unpatch(model: nn.Module) -> nn.Module:
     the parameters that trained before patch() train again; a trained head keeps its weights.
     The model can be patched again afterwards. Returns it."""
     kind = KINDS[patch_config(model)["peft"]]
+    config = model.gist_fast_config
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # the bound partial shadowed the class's forward
-        if kind.module and hasattr(block, kind.module):
-            delattr(block, kind.module)
-    if model.gist_fast_config.gist:
-        del model.gist_token, model.gist_drop, model._pos_embed, model.forward
-        model.num_prefix_tokens -= 1
-        if hasattr(model.patch_drop, "num_prefix_tokens"):
-            model.patch_drop.num_prefix_tokens -= 1
+        for path in kind.modules:
+            parent, _, name = path.rpartition(".")
+            delattr(block.get_submodule(parent), name)
+    if "_pos_embed" in model.__dict__:
+        del model._pos_embed
+        _count_prefix(model, -_extra_tokens(config))
+    if config.gist:
+        del model.gist_token, model.gist_drop, model.forward
+    if kind.uninstall is not None:
+        kind.uninstall(model)
     trained = set(model.__dict__.pop("_gist_fast_trained_before", dict(model.named_parameters())))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)

@@ -160,8 +160,8 @@ def test_clear_errors():
     model = gist_fast.patch(tiny_vit(), verbose=False)
     with pytest.raises(RuntimeError, match="already patched"):
         gist_fast.patch(model)
-    with pytest.raises(ValueError, match="unknown peft 'lora'"):
-        gist_fast.patch(tiny_vit(), peft="lora")
+    with pytest.raises(ValueError, match="unknown peft 'dora'"):
+        gist_fast.patch(tiny_vit(), peft="dora")
     with pytest.raises(ValueError, match="needs channels="):
         gist_fast.patch(tiny_vit(), peft="channels")
     with pytest.raises(ValueError, match=r"distinct indices in \[0, 48\)"):
@@ -199,7 +199,7 @@ def test_a_kind_is_one_registry_entry(monkeypatch):
     def forward(block, x, **attn_kwargs):
         return type(block).forward(block, x, **attn_kwargs) + block.shift.bias
 
-    kind = PeftKind("shift", "shift", lambda config, dim, i: Bias(dim), "shifts", forward)
+    kind = PeftKind("shift", ("shift",), lambda config, block, i: {"shift": Bias(48)}, "shifts", forward)
     monkeypatch.setitem(KINDS, "shift", kind)
     model = gist_fast.patch(tiny_vit(num_classes=5), peft="shift", gist=True, verbose=False)
     summary = gist_fast.parameter_summary(model)

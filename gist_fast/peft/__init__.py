@@ -1,27 +1,41 @@
-"""The PEFT kinds patch() knows, one file each (their modules and timm-Block forwards, METHODS §1-§3), and
+"""The PEFT kinds patch() knows, one file each (their modules and timm-Block forwards, METHODS §1-§3, §6), and
 KINDS: the registry that says, per kind, what patch() inserts, which forward it binds and what trains."""
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
+from gist_fast import lean_block, lean_steps
 from gist_fast.lean_block import GistResidual, PlainResidual
 from gist_fast.peft.adapter import Adapter, adaptformer_forward, gist_adapter_forward, make_adapter, seq_adapter_forward
+from gist_fast.peft.blocks import Steps, steps_forward, steps_reason
 from gist_fast.peft.channels import ChannelLinear, channels_forward, make_channels
+from gist_fast.peft.lora import LoRA, LoraSteps, QkvLoraSteps, make_lora, make_qkv_lora
+from gist_fast.peft.ssf import BLOCK_SITES, ScaleShift, SsfSteps, install_ssf, make_ssf, ssf_reason, uninstall_ssf
+from gist_fast.peft.vpt import install_prompts, prompts, uninstall_prompts
 
 
 @dataclass(frozen=True)
 class PeftKind:
-    """Everything patch() needs to know of one PEFT kind: adding a kind is one entry in KINDS (and its module
+    """Everything patch() needs to know of one PEFT kind: adding a kind is one entry in KINDS (and its modules
     and block forward in a file of this package)."""
 
     name: str
-    module: Optional[str] = None           # the block attribute holding its per-block module
-    make: Optional[Callable[[Any, int, int], nn.Module]] = None  # (patch config, dim, block index) -> module
+    modules: Tuple[str, ...] = ()          # its per-block modules: paths inside a block (e.g. "attn.lora_q")
+    make: Optional[Callable[[Any, nn.Module, int], Dict[str, nn.Module]]] = None  # (config, block, i) -> {path: module}
     group: str = ""                        # its tensors' group in parameter_summary
     forward: Optional[Callable] = None     # the eager block forward; None: timm's own
-    lean: Optional[type] = None            # its first-residual step in gist_fast.lean_block; None: no lean path
+    lean: Optional[Callable] = None        # (block, memory mode) -> the memory-lean block forward; None: no lean path
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None  # (model) -> why the kind cannot patch it, or None
+    install: Optional[Callable] = None     # (model, config, like): its model-level tensors and hooks
+    uninstall: Optional[Callable] = None   # (model): undoes install
+    model_modules: Tuple[str, ...] = ()    # the model attributes install adds that train
+    patch_tokens: Optional[Callable[[nn.Module, Tensor], Tensor]] = None  # (model, patch tokens) before pos-embed
+    tokens: Optional[Callable[[nn.Module, int, Any], Tensor]] = None  # (model, batch, dtype): tokens after the Gist
     scale: Optional[float] = None          # the default scale of an adapter kind
+    alpha: Optional[float] = None          # the default α of a LoRA kind
+    prompts: Optional[int] = None          # the default prompt count of a prompt kind
     trains_norms: bool = False             # the LayerNorm affine parameters train too
     takes_gist: bool = True                # can carry the Gist token and its loss
 
@@ -30,13 +44,39 @@ class PeftKind:
         return self.scale is not None
 
 
+def _steps_kind(name: str, steps, **kw) -> PeftKind:
+    """A kind whose block forward is `steps` (peft.blocks.steps_forward) and whose lean path replays it."""
+    return PeftKind(name, forward=functools.partial(steps_forward, steps=steps),
+                    lean=functools.partial(lean_steps.bind, steps=steps), **{"check": steps_reason, **kw})
+
+
+def _adapter_lean(first, forward) -> Callable:
+    return functools.partial(lean_block.bind, first=first, fallback=forward)
+
+
+def _patch_ssf(model: nn.Module, x: Tensor) -> Tensor:
+    return model.ssf_patch(x)
+
+
 KINDS: Dict[str, PeftKind] = {k.name: k for k in (
-    PeftKind("adapter", "adapter", make_adapter, "adapters", gist_adapter_forward, lean=GistResidual, scale=0.1),
-    PeftKind("seq-adapter", "adapter", make_adapter, "adapters", seq_adapter_forward, scale=1.0),
-    PeftKind("adaptformer", "adapter", make_adapter, "adapters", adaptformer_forward, lean=PlainResidual, scale=0.1),
+    PeftKind("adapter", ("adapter",), make_adapter, "adapters", gist_adapter_forward,
+             _adapter_lean(GistResidual, gist_adapter_forward), scale=0.1),
+    PeftKind("seq-adapter", ("adapter",), make_adapter, "adapters", seq_adapter_forward, scale=1.0),
+    PeftKind("adaptformer", ("adapter",), make_adapter, "adapters", adaptformer_forward,
+             _adapter_lean(PlainResidual, adaptformer_forward), scale=0.1),
     PeftKind("ln", trains_norms=True),
-    PeftKind("channels", "channel_linear", make_channels, "channels", channels_forward, trains_norms=True),
+    PeftKind("channels", ("channel_linear",), make_channels, "channels", channels_forward, trains_norms=True),
     PeftKind("linear"),
+    PeftKind("vpt", group="prompts", lean=functools.partial(lean_steps.bind, steps=Steps), install=install_prompts,
+             uninstall=uninstall_prompts, model_modules=("prompt_tokens",), tokens=prompts, prompts=200),
+    _steps_kind("lora", LoraSteps, modules=("attn.lora_q", "attn.lora_v"), make=make_lora, group="lora", alpha=1.0),
+    _steps_kind("qkv-lora", QkvLoraSteps, modules=("attn.qkv_lora",), make=make_qkv_lora, group="lora", alpha=8.0),
+    _steps_kind("ssf", SsfSteps, modules=tuple(f"ssf_{s}" for s in BLOCK_SITES), make=make_ssf, group="ssf",
+                check=ssf_reason, install=install_ssf, uninstall=uninstall_ssf,
+                model_modules=("ssf_patch", "ssf_final"), patch_tokens=_patch_ssf),
 )}
 
-__all__ = ["PeftKind", "KINDS", "Adapter", "ChannelLinear"]
+# the kinds `gist-fast train --peft` offers (ln and channels are the two-stage framework's, linear its own)
+TUNABLE = ("adapter", "seq-adapter", "adaptformer", "vpt", "lora", "qkv-lora", "ssf")
+
+__all__ = ["PeftKind", "KINDS", "TUNABLE", "Adapter", "ChannelLinear", "LoRA", "ScaleShift"]

@@ -39,8 +39,8 @@ class Adapter(nn.Module):
         return f"scale={self.scale}, fused={self.fused}"
 
 
-def make_adapter(config, dim: int, _i: int) -> Adapter:
-    return Adapter(dim, config.rank, config.scale, config.fused)
+def make_adapter(config, block, _i: int) -> dict:
+    return {"adapter": Adapter(block.norm1.normalized_shape[0], config.rank, config.scale, config.fused)}
 
 
 def gist_adapter_forward(self, x: Tensor, **attn_kwargs) -> Tensor:

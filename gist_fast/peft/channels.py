@@ -23,8 +23,8 @@ class ChannelLinear(nn.Module):
         return reference.channel_linear(x, self.channels, self.linear.weight, self.linear.bias)
 
 
-def make_channels(config, dim: int, i: int) -> ChannelLinear:
-    return ChannelLinear(dim, config.channels[i])
+def make_channels(config, block, i: int) -> dict:
+    return {"channel_linear": ChannelLinear(block.norm2.normalized_shape[0], config.channels[i])}
 
 
 def channels_forward(self, x: Tensor, **attn_kwargs) -> Tensor:

@@ -84,7 +84,7 @@ class Trainer:
         # summed over the rows not labelled IGNORE (TrainSampler's padding): _step weights the sums
         summed = dict(ignore_index=distributed.IGNORE, reduction="sum", fused=cfg.fused != "off")
         if cfg.framework == "gist":
-            self.loss_fn = gist_fast.GistLoss(**summed)
+            self.loss_fn = gist_fast.GistLoss(kl_weight=cfg.gist_weight, temperature=cfg.gist_temperature, **summed)
         elif cfg.framework == "idat":
             self.loss_fn = gist_fast.DistillLoss(kind=cfg.distill_kind, **summed)
         self.sampler = distributed.TrainSampler(self.train_set, num_replicas=world.size, rank=world.rank,

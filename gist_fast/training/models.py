@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gist_fast
-from gist_fast.training.recipe import FRAMEWORK_OPTIONS, FRAMEWORKS, TrainConfig
+from gist_fast.training.recipe import FRAMEWORKS, TrainConfig, kind_of
 
 
 class _LoadReport(logging.Handler):
@@ -68,10 +68,14 @@ def backbone(name: str, kwargs: dict, num_classes: int, drop_path: float, seed: 
 
 
 def peft_of(cfg: TrainConfig):
-    peft, gist = FRAMEWORKS[cfg.framework]
-    if cfg.peft and cfg.framework in FRAMEWORK_OPTIONS["peft"]:
-        peft = cfg.peft
-    return peft, gist
+    """(the PEFT kind the student trains, whether it has the Gist token)."""
+    return kind_of(cfg.framework, cfg.peft), FRAMEWORKS[cfg.framework][1]
+
+
+def peft_kwargs(cfg: TrainConfig) -> dict:
+    """The patch() arguments of the PEFT kind's size: rank, and prompts / alpha where the run sets them
+    (None: patch()'s own default for the kind; what it chose is recorded in the model's PatchConfig)."""
+    return dict(rank=cfg.rank, **{k: getattr(cfg, k) for k in ("prompts", "alpha") if getattr(cfg, k) is not None})
 
 
 def fused_flag(cfg: TrainConfig):
@@ -90,7 +94,7 @@ def student(cfg: TrainConfig, num_classes: int, verbose: bool, saved: Optional[d
                      cfg.pretrained, cfg.pretrained_file)
     peft, gist = peft_of(cfg)
     kwargs = gist_fast.PatchConfig.from_dict(saved).patch_kwargs() if saved else dict(peft=peft, gist=gist,
-                                                                                          rank=cfg.rank)
+                                                                                          **peft_kwargs(cfg))
     kwargs.update(patch_kwargs, fused=fused_flag(cfg), memory=memory_mode(cfg))
     with torch.random.fork_rng(devices=[]):  # new PEFT tensors are seeded too
         torch.manual_seed(cfg.seed)
@@ -102,7 +106,7 @@ def teacher(cfg: TrainConfig, num_classes: int, verbose: bool) -> nn.Module:
                      cfg.pretrained, cfg.teacher_pretrained_file)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
-        return gist_fast.patch(model, peft=peft_of(cfg)[0], gist=False, rank=cfg.rank,
+        return gist_fast.patch(model, peft=peft_of(cfg)[0], gist=False, **peft_kwargs(cfg),
                                fused=fused_flag(cfg), memory=memory_mode(cfg), verbose=verbose)
 
 

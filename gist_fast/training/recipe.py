@@ -3,9 +3,11 @@ small-model defaults of the embedded digits run."""
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+
+from gist_fast.peft import KINDS, TUNABLE
 
 # framework -> (the PEFT kind it trains, whether the student has a Gist token)
 FRAMEWORKS = {"gist": ("adapter", True), "adapter": ("adapter", False), "idat": ("seq-adapter", False),
@@ -58,9 +60,17 @@ EMBEDDED = dict(model="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, pat
 RUNTIME_OPTIONS = ("device", "workers", "output", "stop_after_steps", "progress", "eval_every", "memory_budget",
                    "memory")
 # Options that only apply to some frameworks: naming one for another framework is a mistake, not a no-op.
-FRAMEWORK_OPTIONS = {"peft": ("gist", "adapter", "idat"), "rank": ("gist", "adapter", "idat"),
+PEFT_FRAMEWORKS = ("gist", "adapter", "idat")  # those that take --peft (any kind of gist_fast.peft.TUNABLE)
+GIST_FRAMEWORKS = tuple(f for f, (_, gist) in FRAMEWORKS.items() if gist)  # those with the Gist token and GistLoss
+FRAMEWORK_OPTIONS = {"peft": PEFT_FRAMEWORKS, "rank": PEFT_FRAMEWORKS, "prompts": PEFT_FRAMEWORKS,
+                     "alpha": PEFT_FRAMEWORKS, "gist_temperature": GIST_FRAMEWORKS, "gist_weight": GIST_FRAMEWORKS,
                      "teacher": ("idat",), "teacher_kwargs": ("idat",), "teacher_pretrained_file": ("idat",),
                      "distill_kind": ("idat",), "stage1_epochs": ("two-stage",), "channels_k": ("two-stage",)}
+# Options that only apply to some PEFT kinds (of the frameworks above): likewise refused for another kind. Read
+# from the registry: the adapters' bottleneck and the LoRA kinds' rank; the kinds with a default prompt count, alpha.
+KIND_OPTIONS = {"rank": tuple(k for k in TUNABLE if KINDS[k].is_adapter or KINDS[k].alpha is not None),
+                "prompts": tuple(k for k in TUNABLE if KINDS[k].prompts is not None),
+                "alpha": tuple(k for k in TUNABLE if KINDS[k].alpha is not None)}
 PATH_OPTIONS = ("data", "pretrained_file", "teacher_pretrained_file")  # recorded absolute: resumable from anywhere
 
 
@@ -69,7 +79,7 @@ class TrainConfig:
     """Everything one training run depends on. None means "from the recipe": see resolve()."""
 
     framework: str = "gist"
-    peft: Optional[str] = None            # override the framework's adapter kind (e.g. adaptformer)
+    peft: Optional[str] = None            # override the framework's PEFT kind (gist_fast.peft.TUNABLE)
     model: Optional[str] = None
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
@@ -90,7 +100,11 @@ class TrainConfig:
     drop_path: Optional[float] = None
     batch_size: int = 64                  # global: split across DDP ranks
     seed: int = 42
-    rank: int = 4                         # adapter bottleneck
+    rank: int = 4                         # adapter bottleneck, LoRA rank
+    prompts: Optional[int] = None         # vpt's prompt count; None: patch()'s default (KIND_OPTIONS: vpt only)
+    alpha: Optional[float] = None         # the LoRA kinds' alpha; None: patch()'s default for the kind
+    gist_temperature: float = 3.0         # GistLoss temperature T (the GIST code's; METHODS §1, §6)
+    gist_weight: float = 0.75             # GistLoss kl_weight: λ, the weight of each of the two KL terms
     distill_kind: str = "kl"
     stage1_epochs: Optional[int] = None
     channels_k: Optional[int] = None
@@ -115,21 +129,36 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_framework_options(framework: str, given) -> None:
-    """Refuse options the framework does not use (given: the names set on the command line)."""
+def kind_of(framework: str, peft: Optional[str]) -> str:
+    """The PEFT kind a framework trains: its own, or --peft where it takes one."""
+    return peft if peft and framework in PEFT_FRAMEWORKS else FRAMEWORKS[framework][0]
+
+
+def check_framework_options(framework: str, given: dict, kinds: Optional[Sequence[str]] = None) -> None:
+    """Refuse options the framework does not use, then options that none of the PEFT kinds it trains uses
+    (given: the options set on the command line; kinds: a sweep's --peft list, else --peft or the
+    framework's own kind)."""
     wrong = [option(k) for k in given if framework not in FRAMEWORK_OPTIONS.get(k, (framework,))]
     if wrong:
         uses = "; ".join(f"{option(k)}: {'/'.join(FRAMEWORK_OPTIONS[k])}" for k in given if option(k) in wrong)
         raise ValueError(f"--framework {framework} does not use {', '.join(wrong)} ({uses})")
+    named = bool(kinds or given.get("peft"))
+    kinds = list(kinds or [kind_of(framework, given.get("peft"))])
+    wrong = [option(k) for k in given if k in KIND_OPTIONS and not set(kinds) & set(KIND_OPTIONS[k])]
+    if wrong:
+        uses = "; ".join(f"{option(k)}: --peft {'/'.join(KIND_OPTIONS[k])}" for k in given if option(k) in wrong)
+        which = f"--peft {','.join(kinds)}" if named else f"--framework {framework} (--peft {kinds[0]})"
+        raise ValueError(f"{which} does not use {', '.join(wrong)} ({uses})")
 
 
 # field -> (test, what it accepts): the numeric options a run checks before it starts
 _AT_LEAST = {"epochs": 1, "cooldown_epochs": 0, "warmup_epochs": 0, "warmup_lr": 0, "min_lr": 0, "weight_decay": 0,
              "batch_size": 1, "stage1_epochs": 1, "channels_k": 1, "num_classes": 2, "workers": 0, "eval_every": 1,
-             "stop_after_steps": 1}
+             "stop_after_steps": 1, "prompts": 1, "gist_weight": 0}
 _RANGES = {**{k: (lambda v, low=low: v >= low, f">= {low}") for k, low in _AT_LEAST.items()},
            "lr": (lambda v: v > 0, "> 0"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
-           "rank": (lambda v: 1 <= v <= 1024, "in [1, 1024]")}
+           "rank": (lambda v: 1 <= v <= 1024, "in [1, 1024]"), "alpha": (lambda v: v > 0, "> 0"),
+           "gist_temperature": (lambda v: v > 0, "> 0")}
 
 
 def _check_values(cfg: TrainConfig) -> None:
@@ -137,6 +166,13 @@ def _check_values(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise ValueError(f"{option(name)} {value}: must be {accepted}")
+    if cfg.peft is not None and cfg.peft not in TUNABLE:
+        raise ValueError(f"--peft {cfg.peft!r}: choose one of {', '.join(TUNABLE)}")
+    kind = kind_of(cfg.framework, cfg.peft)
+    for name in ("prompts", "alpha"):  # None: the kind's default; set, only for a kind that uses it
+        if getattr(cfg, name) is not None and kind not in KIND_OPTIONS[name]:
+            raise ValueError(f"{option(name)} {getattr(cfg, name)}: only --peft {'/'.join(KIND_OPTIONS[name])} "
+                             f"uses it (this run trains {kind})")
     if cfg.min_lr > cfg.lr or cfg.warmup_lr > cfg.lr:
         raise ValueError(f"--min-lr {cfg.min_lr:g} and --warmup-lr {cfg.warmup_lr:g} must not exceed --lr {cfg.lr:g}")
     given = cfg.model_kwargs.keys() | cfg.teacher_kwargs.keys()

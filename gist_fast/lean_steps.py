@@ -1,0 +1,105 @@
+"""Memory-lean forward/backward for the blocks of the kinds written as Steps (gist_fast.peft.blocks): vpt, lora,
+qkv-lora and ssf.
+
+The forward runs the kind's own steps without a graph and saves, per block:
+
+    memory="lean"  the block input x and u = fc1(norm2 x1), the MLP pre-activation
+    memory="min"   x only
+    memory="auto"  "lean" on CUDA; on CPU the eager block (compute-bound there: recomputation only costs time)
+
+The backward replays the same steps from x under autograd, one block at a time (with the forward's RNG state,
+so DropPath and dropout draw the same masks, and its autocast state): in "lean" the MLP after fc1 is replayed
+from the saved u and fc1's input gradient is one matmul, in "min" fc1 is replayed too. The replay is the eager
+forward itself, so outputs and gradients are those of the eager block (bit for bit on CPU): the PEFT tensors,
+any backbone weight a user unfroze, and x get their gradients from autograd. Per call, only torch.compile
+tracing takes the eager forward (its own rematerialisation then plans memory)."""
+import contextlib
+import functools
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from gist_fast.peft.blocks import attention_residual, mlp_residual, steps_forward
+
+
+def bind(block: nn.Module, mode: str, *, steps) -> functools.partial:
+    """The forward patch() binds to a block (structure checked by lean_block.unsupported_reason)."""
+    return functools.partial(lean_steps_forward, block, steps=steps, mode=mode)
+
+
+def lean_steps_forward(block: nn.Module, x: Tensor, *, steps, mode: str, **attn_kwargs) -> Tensor:
+    # "auto" resolves from the input: models are patched on the CPU and then moved.
+    mode = ("lean" if x.is_cuda else None) if mode == "auto" else mode
+    params = [p for p in block.parameters() if p.requires_grad]
+    if (mode is None or torch.compiler.is_compiling()
+            or not (torch.is_grad_enabled() and (x.requires_grad or params))):
+        return steps_forward(block, x, steps=steps, **attn_kwargs)
+    if mode == "lean" and block.mlp.fc1.weight.requires_grad:
+        mode = "min"  # an unfrozen fc1 needs its input, h2, in the replayed graph
+    return _LeanSteps.apply(block, steps, mode, attn_kwargs, x, *params)
+
+
+def _rng_state(x: Tensor):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+
+@contextlib.contextmanager
+def _replayed_rng(state, x: Tensor):
+    """The forward's RNG state for the replay; the caller's is restored after."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], x.device)
+        yield
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a + b
+
+
+class _LeanSteps(torch.autograd.Function):
+    """One block of a Steps kind; saves x (and u in "lean")."""
+
+    @staticmethod
+    def forward(ctx, block, steps, mode, attn_kwargs, x, *params):
+        dev = x.device.type
+        ctx.rng = _rng_state(x) if block.training else None
+        ctx.autocast = dict(device_type=dev, enabled=torch.is_autocast_enabled(dev),
+                            dtype=torch.get_autocast_dtype(dev))
+        x1 = attention_residual(block, steps, x, attn_kwargs)
+        u = steps.fc1(block, steps.norm2(block, x1))
+        ctx.block, ctx.steps, ctx.attn_kwargs, ctx.params = block, steps, attn_kwargs, params
+        ctx.save_for_backward(x, u if mode == "lean" else None)
+        return mlp_residual(block, steps, x1, u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u = ctx.saved_tensors
+        block, steps, params = ctx.block, ctx.steps, list(ctx.params)
+        with torch.enable_grad(), _replayed_rng(ctx.rng, x), torch.autocast(**ctx.autocast):
+            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[4])
+            wrt = ([x_leaf] if x_leaf.requires_grad else []) + params
+            x1 = attention_residual(block, steps, x_leaf, ctx.attn_kwargs)
+            h2 = steps.norm2(block, x1)
+            if u is None:
+                grads = _grad([mlp_residual(block, steps, x1, steps.fc1(block, h2))], wrt, [dy])
+            else:
+                u_leaf = u.detach().requires_grad_()
+                g_x1, g_u, *g_back = _grad([mlp_residual(block, steps, x1, u_leaf)], [x1, u_leaf] + params, [dy])
+                g_h2 = g_u @ block.mlp.fc1.weight.to(g_u.dtype)  # fc1 is frozen here: its input gradient only
+                grads = [_add(a, b) for a, b in zip(_grad([x1, h2], wrt, [g_x1, g_h2.to(h2.dtype)]),
+                                                    ([None] * (len(wrt) - len(params))) + g_back)]
+        g_x = grads[0] if x_leaf.requires_grad else None
+        return (None, None, None, None, g_x, *grads[len(wrt) - len(params):])
+
+
+def _grad(outputs: List[Tensor], inputs: List[Tensor], grads: List[Tensor]) -> List[Optional[Tensor]]:
+    """d(outputs)/d(inputs) given the outputs' gradients; None for an input the outputs do not depend on."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    if not inputs or not pairs:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
