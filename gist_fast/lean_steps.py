@@ -88,8 +88,9 @@ class _LeanSteps(torch.autograd.Function):
             if u is None:
                 grads = _grad([mlp_residual(block, steps, x1, steps.fc1(block, h2))], wrt, [dy])
             else:
-                u_leaf = u.detach().requires_grad_()
-                g_x1, g_u, *g_back = _grad([mlp_residual(block, steps, x1, u_leaf)], [x1, u_leaf] + params, [dy])
+                x1_leaf, u_leaf = x1.detach().requires_grad_(), u.detach().requires_grad_()  # the MLP's own graph
+                g_x1, g_u, *g_back = _grad([mlp_residual(block, steps, x1_leaf, u_leaf)], [x1_leaf, u_leaf] + params,
+                                           [dy])
                 g_h2 = g_u @ block.mlp.fc1.weight.to(g_u.dtype)  # fc1 is frozen here: its input gradient only
                 grads = [_add(a, b) for a, b in zip(_grad([x1, h2], wrt, [g_x1, g_h2.to(h2.dtype)]),
                                                     ([None] * (len(wrt) - len(params))) + g_back)]
