@@ -100,9 +100,10 @@ def _add_method_options(p: argparse.ArgumentParser, sweep: bool = False) -> None
         m.add_argument("--peft", choices=TUNABLE, metavar="KIND",
                        help=f"the PEFT kind of gist/adapter/idat (gist: with the Gist token, adapter: without): "
                        f"{kinds}")
-    m.add_argument("--rank", type=int, help="bottleneck of the adapter kinds, rank r of lora and qkv-lora (4)")
-    m.add_argument("--prompts", type=int, help=f"vpt: the number N of prompt tokens ({KINDS['vpt'].prompts}, the "
-                   "authors' VTAB script)")
+    m.add_argument("--rank", type=int, metavar="R",
+                   help="bottleneck of the adapter kinds, rank r of lora and qkv-lora (4)")
+    m.add_argument("--prompts", type=int, metavar="N",
+                   help=f"vpt: the number N of prompt tokens ({KINDS['vpt'].prompts}, the authors' VTAB script)")
     m.add_argument("--alpha", type=float, help=f"lora: alpha in q += alpha * up(down(q)), the same for v "
                    f"({KINDS['lora'].alpha:g}, no 1/r factor); qkv-lora: Hu et al.'s alpha, the update "
                    f"(alpha / r) * B A h ({KINDS['qkv-lora'].alpha:g})")
@@ -172,8 +173,9 @@ def parser() -> argparse.ArgumentParser:
     _add_train_options(t)
     t.add_argument("--resume", help="a last.pt to continue exactly, in its own folder (its own configuration; "
                    "only run options may change)")
-    v = sub.add_parser("vtab", help="train on every VTAB-1K task (or --tasks) and tabulate the means; the same "
-                       "command again continues an interrupted sweep", argument_default=argparse.SUPPRESS)
+    v = sub.add_parser("vtab", help="train on every VTAB-1K task (or --tasks), with every PEFT kind of --peft, and "
+                       "tabulate the means; the same command again continues an interrupted sweep",
+                       argument_default=argparse.SUPPRESS)
     _add_train_options(v, sweep=True)
     v.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated task list (all 19)")
     e = sub.add_parser("eval", help="accuracy of a checkpoint (best.pt or last.pt) on a split")

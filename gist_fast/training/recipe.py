@@ -2,7 +2,7 @@
 small-model defaults of the embedded digits run."""
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -245,11 +245,17 @@ def schedule(cfg: TrainConfig) -> str:
     return text
 
 
+def with_defaults(config: dict) -> dict:
+    """A recorded configuration (a checkpoint's, a result.json's) with the fields it predates at their defaults:
+    the run that wrote it ran with those (e.g. --gist-temperature 3 before the option existed)."""
+    return {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **config}
+
+
 def for_resume(saved: dict, given: dict, folder: str) -> TrainConfig:
     """A resumed run keeps the checkpoint's configuration; the command line may change only how and
     where it runs (RUNTIME_OPTIONS). given: the options set explicitly on the command line; folder: the
     checkpoint's, where the run goes on writing unless --output says otherwise."""
-    given = absolute_paths(given)
+    given, saved = absolute_paths(given), with_defaults(saved)
     differ = sorted(option(k) for k, v in given.items() if k not in RUNTIME_OPTIONS and saved.get(k) != v)
     if differ:
         raise ValueError(f"--resume continues the checkpoint's run; these options differ from it: {', '.join(differ)} "

@@ -10,7 +10,7 @@ those, and only those)."""
 import csv
 import json
 import os
-from dataclasses import MISSING, asdict, fields, replace
+from dataclasses import asdict, replace
 from statistics import mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,12 +26,11 @@ from gist_fast.training.recipe import (
     TrainConfig,
     option,
     resolve,
+    with_defaults,
 )
 
 METRICS = ("last_acc", "best_acc")
 MEANS = (("mean_of_tasks", "mean of tasks"), ("mean_of_group_means", "mean of group means"))
-# a recorded configuration from before a field existed ran with the field's default
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def summarize(results: Dict[str, dict]) -> dict:
@@ -65,7 +64,7 @@ def markdown(results: Dict[str, dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kinds_table(kinds: Dict[str, dict], gist: bool) -> Tuple[str, List[list]]:
+def kinds_table(kinds: Dict[str, dict], framework: str) -> Tuple[str, List[list]]:
     """The sweep over PEFT kinds as (markdown, CSV rows). kinds: kind -> {"tasks": its results, **summarize(them),
     "trainable": their mean}. A row per kind (the CSV: per kind and metric), a column per task in VTAB order,
     then the two means."""
@@ -82,10 +81,11 @@ def kinds_table(kinds: Dict[str, dict], gist: bool) -> Tuple[str, List[list]]:
             rows.append([kind, metric, round(k["trainable"]),
                          *(f"{runs[t][metric]:.2f}" if t in runs else "" for t in tasks),
                          *(f"{k[metric][key]:.2f}" for key, _ in MEANS)])
-    lines += ["", f"Test accuracy (%) after the last epoch, the best epoch's in parentheses; "
-              f"{'with' if gist else 'without'} the Gist token. Trainable: the parameters that train (the PEFT "
-              f"tensors, {'the Gist token, ' if gist else ''}the head), the mean over the tasks (the head follows "
-              "each task's classes)."]
+    gist = FRAMEWORKS[framework][1]
+    lines += ["", f"Test accuracy (%) after the last epoch (the best epoch's in parentheses); --framework {framework}: "
+              f"every kind {'with' if gist else 'without'} the Gist token. Trainable: the parameters that train (the "
+              f"PEFT tensors, {'the Gist token, ' if gist else ''}the head), their mean over the tasks (the head "
+              "follows each task's classes)."]
     missing = [g for g in VTAB_GROUPS if any(g in k["missing_groups"] for k in kinds.values())]
     if missing:
         lines.append(f"Groups with no task run (left out of the mean of group means): {', '.join(missing)}.")
@@ -94,8 +94,7 @@ def kinds_table(kinds: Dict[str, dict], gist: bool) -> Tuple[str, List[list]]:
 
 def _settings(config: dict) -> dict:
     """What a run computes (runtime options dropped), JSON-normalised (a tuple read back is a list)."""
-    config = {**_DEFAULTS, **config}
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUNTIME_OPTIONS}))
+    return json.loads(json.dumps({k: v for k, v in with_defaults(config).items() if k not in RUNTIME_OPTIONS}))
 
 
 def _recorded(folder: str) -> Tuple[Optional[dict], Optional[dict]]:
@@ -139,7 +138,7 @@ def for_kind(base: TrainConfig, kind: str) -> TrainConfig:
     """base with PEFT kind `kind`: the options of KIND_OPTIONS only where the kind uses them (a kind's
     run does not record, nor is it told apart by, another kind's --prompts or --alpha)."""
     uses = {name: kind in kinds for name, kinds in KIND_OPTIONS.items()}
-    return replace(base, peft=kind, rank=base.rank if uses["rank"] else _DEFAULTS["rank"],
+    return replace(base, peft=kind, rank=base.rank if uses["rank"] else TrainConfig.rank,
                    prompts=base.prompts if uses["prompts"] else None, alpha=base.alpha if uses["alpha"] else None)
 
 
@@ -156,10 +155,10 @@ def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: boo
         raise ValueError(f"--tasks {','.join(unknown)}: not VTAB-1K tasks; choose from {', '.join(VTAB_TASKS)}")
     if kinds is not None and not kinds:
         raise ValueError("--peft: the list is empty; name PEFT kinds separated by commas")
-    runs = [(kind, t) for kind in (kinds or [None]) for t in tasks]
-    configs = {(kind, t): resolve(replace(base if kind is None else for_kind(base, kind), task=t,  # the task's
+    # each run in its own folder, with its task's own lr / weight decay / drop-path
+    configs = {(kind, t): resolve(replace(base if kind is None else for_kind(base, kind), task=t,
                                           output=os.path.join(base.output, *([kind] if kind else []), t)))
-               for kind, t in runs}  # own lr / weight decay / drop-path
+               for kind in (kinds or [None]) for t in tasks}
     plans = {key: _plan(cfg, overwrite) for key, cfg in configs.items()}
     results: Dict[Tuple[Optional[str], str], dict] = {}
     for (kind, task), cfg in configs.items():
@@ -187,7 +186,7 @@ def run(base: TrainConfig, tasks: Optional[Sequence[str]] = None, overwrite: boo
             by_task = {t: results[kind, t] for t in tasks}
             by_kind[kind] = {"tasks": by_task, **summarize(by_task),
                              "trainable": mean(r["trainable"] for r in by_task.values())}
-        table, rows = kinds_table(by_kind, FRAMEWORKS[base.framework][1])
+        table, rows = kinds_table(by_kind, base.framework)
         out = {"results": by_kind, "table": table}
         record = {"config": {k: v for k, v in config.items() if k != "peft"}, "kinds": by_kind}
     if not distributed.is_main_process():
