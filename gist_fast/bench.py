@@ -1,6 +1,7 @@
 """`gist-fast bench`: end-to-end training-step benchmark of GIST on timm ViTs.
 
-Implementations (same weights, same batch), in the order they run:
+Per PEFT kind (--peft: GIST's adapter by default, or GIST over vpt, lora, qkv-lora, ssf; the Gist token and
+GistLoss in every one), the implementations (same weights, same batch), in the order they run:
     eager            patch(fused=False): the authors' structure on timm, eager PyTorch
     checkpoint       eager + timm gradient checkpointing (model.set_grad_checkpointing())
     gist_fast_auto   patch() as a user calls it: memory="auto" ("lean" on CUDA, None on CPU)
@@ -38,6 +39,7 @@ import torch
 import gist_fast
 from gist_fast import bench_harness as harness
 from gist_fast.bench_harness import Deadline, Row, make_row
+from gist_fast.peft import TUNABLE
 from gist_fast.training.recipe import MEMORY_MODES  # --memory, as gist-fast train spells it
 
 # eager first (the loss reference), compiled last (the slowest to start)
@@ -47,6 +49,7 @@ MEMORY = {"gist_fast_auto": "auto", "gist_fast": "lean", "gist_fast_min": "min",
           "gist_fast_compile": "lean"}  # "auto" is patch()'s default
 MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "4090": 165.0}
+BENCH_KINDS = tuple(k for k in TUNABLE if k != "seq-adapter")  # the kinds GistLoss trains (iDAT's is not one)
 OP = "train_step"  # the harness's op name for a whole training step; mode "step"
 SAMPLE = 4  # images the saved-activation accounting runs
 
@@ -57,6 +60,8 @@ def _parse(argv: Optional[List[str]]):
                    help="comma list; short names (vit_tiny) get _patch16_224 "
                    "(default: all three on CUDA, vit_tiny on CPU)")
     p.add_argument("--impls", default=None, help=f"comma list of {','.join(IMPLS)} (default: all)")
+    p.add_argument("--peft", default="adapter", help=f"comma list of PEFT kinds, each with the Gist token "
+                   f"({','.join(BENCH_KINDS)}; default adapter: GIST itself)")
     p.add_argument("--batches", default=None, help="comma list (default 32,64,128,256 on CUDA, 8,32 on CPU)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                    help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
@@ -107,6 +112,7 @@ class Settings:
     """The command line, checked and with the device's defaults filled in."""
     device: torch.device
     models: List[str]
+    pefts: List[str]
     impls: List[str]
     batches: List[int]
     dtype: str
@@ -142,9 +148,12 @@ def settings(args) -> Settings:
         raise ValueError("--img-size >= 16, --num-classes >= 2 and --steps >= 1 are needed")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected >= 1")
+    pefts = [k for k in args.peft.split(",") if k]
+    if not pefts or set(pefts) - set(BENCH_KINDS):
+        raise ValueError(f"--peft {args.peft}: choose from {','.join(BENCH_KINDS)}")
     budget = None if str(args.memory_budget).lower() == "none" else parse_bytes(args.memory_budget)
     steps = args.steps if args.steps is not None else (20 if cuda else 5)
-    return Settings(device, models, select_impls(args.impls, args.memory), batches,
+    return Settings(device, models, pefts, select_impls(args.impls, args.memory), batches,
                     args.dtype or ("bf16" if cuda else "fp32"), steps,
                     args.warmup if args.warmup is not None else (3 if cuda else 1), budget, args.num_classes,
                     args.img_size, args.seed, args.time_budget, args.compile_seconds)
@@ -159,12 +168,12 @@ def step_gflops(model) -> float:
     return 2 * 2 * (len(model.blocks) * per_block + patch) / 1e9
 
 
-def build(impl: str, base, ref_state, device) -> torch.nn.Module:
+def build(impl: str, peft: str, base, ref_state, device) -> torch.nn.Module:
     model = copy.deepcopy(base)
     if impl in ("eager", "eager_compile", "checkpoint"):
-        gist_fast.patch(model, fused=False, verbose=False)
+        gist_fast.patch(model, peft=peft, fused=False, verbose=False)
     else:
-        gist_fast.patch(model, fused="auto", memory=MEMORY[impl], verbose=False)
+        gist_fast.patch(model, peft=peft, fused="auto", memory=MEMORY[impl], verbose=False)
     model.load_state_dict(ref_state)
     if impl == "checkpoint":
         model.set_grad_checkpointing(True)
@@ -272,6 +281,7 @@ class _Model:
     and eager's loss per batch (the reference of |Δloss|)."""
 
     name: str
+    peft: str
     base: torch.nn.Module
     ref_state: Dict
     gflops: float
@@ -323,7 +333,7 @@ def _cell(s: Settings, env, m: _Model, runners: Dict[str, Runner], batch: int) -
         peak = harness.peak_memory_mb(steps[impl], s.device)
         rows += _rows(s, env, m, impl, batch, timings[impl], peak, losses[impl])
         ms = timings[impl].p50
-        print(f"{m.name} {impl:18s} b={batch:4d} {ms:9.1f} ms  {batch * 1e3 / ms:8.1f} img/s  "
+        print(f"{m.name} {m.peft} {impl:18s} b={batch:4d} {ms:9.1f} ms  {batch * 1e3 / ms:8.1f} img/s  "
               f"|dloss| {abs(losses[impl] - m.eager_loss.get(batch, losses[impl])):.2e}", flush=True)
     return rows
 
@@ -331,7 +341,7 @@ def _cell(s: Settings, env, m: _Model, runners: Dict[str, Runner], batch: int) -
 def _build_runners(s: Settings, env, m: _Model, group: List[str]):
     """The group's runners, and the rows of their saved activations per image (compiled graphs hide
     theirs from saved-tensor hooks)."""
-    runners = {impl: Runner(impl, build(impl, m.base, m.ref_state, s.device), s.device, s.amp_dtype)
+    runners = {impl: Runner(impl, build(impl, m.peft, m.base, m.ref_state, s.device), s.device, s.amp_dtype)
                for impl in group}
     saved = {impl: gist_fast.activation_bytes(r.model, m.sample, r.class0_loss, s.amp_dtype)
              for impl, r in runners.items() if not impl.endswith("_compile")}
@@ -373,15 +383,15 @@ def _bench_group(s: Settings, env, m: _Model, group: List[str], deadline: Deadli
         torch.cuda.empty_cache()
 
 
-def _model(s: Settings, name: str) -> _Model:
+def _model(s: Settings, name: str, peft: str) -> _Model:
     import timm
 
     torch.manual_seed(s.seed)
     base = timm.create_model(name, pretrained=False, num_classes=s.num_classes, img_size=s.img_size)
-    ref_state = gist_fast.patch(copy.deepcopy(base), fused=False, verbose=False).state_dict()
+    ref_state = gist_fast.patch(copy.deepcopy(base), peft=peft, fused=False, verbose=False).state_dict()
     sample = torch.randn(SAMPLE, 3, s.img_size, s.img_size, generator=torch.Generator().manual_seed(s.seed + 1))
-    config = {"model": name, "dtype": s.dtype, "img": s.img_size, "classes": s.num_classes}
-    return _Model(name, base, ref_state, step_gflops(base), sample.to(s.device), config)
+    config = {"model": name, "peft": peft, "dtype": s.dtype, "img": s.img_size, "classes": s.num_classes}
+    return _Model(name, peft, base, ref_state, step_gflops(base), sample.to(s.device), config)
 
 
 def run(s: Settings, on_rows: Optional[Callable[[List[Row]], None]] = None) -> List[Row]:
@@ -397,9 +407,10 @@ def run(s: Settings, on_rows: Optional[Callable[[List[Row]], None]] = None) -> L
             on_rows(new)
 
     for name in s.models:
-        m = _model(s, name)
-        for group in _groups(s.impls, s.device.type == "cuda"):
-            _bench_group(s, env, m, group, deadline, emit)
+        for peft in s.pefts:
+            m = _model(s, name, peft)
+            for group in _groups(s.impls, s.device.type == "cuda"):
+                _bench_group(s, env, m, group, deadline, emit)
     return rows
 
 

@@ -122,7 +122,8 @@ def test_bench_cpu_appends_rows_and_draws_reports(tmp_path):
     assert get["gist_fast", "saved_MB_per_img"].p50 < get["eager", "saved_MB_per_img"].p50
     ms = get["eager", "ms"]
     assert ms.p20 <= ms.p50 <= ms.p80 and ms.x_name == "batch" and ms.x_value == 2 and ms.mode == "step"
-    assert ms.cfg == {"model": "vit_tiny_patch16_224", "dtype": "fp32", "img": "32", "classes": "100"}
+    assert ms.cfg == {"model": "vit_tiny_patch16_224", "peft": "adapter", "dtype": "fp32", "img": "32",
+                      "classes": "100"}
     assert get["eager", "img_per_s"].p50 == pytest.approx(2e3 / ms.p50)
     assert get["eager", "max_batch"].p50 > 0 and "estimate" in get["eager", "max_batch"].method
     md = (out / "bench.md").read_text()
@@ -132,6 +133,19 @@ def test_bench_cpu_appends_rows_and_draws_reports(tmp_path):
     assert bench.main([*TINY, "--impls", "eager", "--out", str(out), "--no-plots"]) == 0  # a second run appends
     again = harness.read_rows(str(out / "results.csv"))
     assert len(again) > len(rows) and again[:len(rows)] == rows
+
+
+def test_bench_runs_each_peft_kind_with_its_own_eager_baseline(tmp_path):
+    """--peft: a row set per kind (the Gist token and GistLoss in each), vs that kind's own eager and compile."""
+    out = tmp_path / "results"
+    argv = [*TINY, "--peft", "lora,ssf", "--impls", "eager,gist_fast_min", "--out", str(out), "--no-plots"]
+    assert bench.main(argv) == 0
+    rows = harness.read_rows(str(out / "results.csv"))
+    saved = {(r.cfg["peft"], r.provider): r.p50 for r in rows if r.metric == "saved_MB_per_img"}
+    assert set(saved) == {(k, i) for k in ("lora", "ssf") for i in ("eager", "gist_fast_min")}
+    assert all(saved[k, "gist_fast_min"] < saved[k, "eager"] / 4 for k in ("lora", "ssf"))
+    assert all(r.p50 < 1e-4 for r in rows if r.metric == "abs_dloss")
+    assert "| vit_tiny | lora | gist_fast_min | 2 |" in (out / "bench.md").read_text()
 
 
 def test_time_budget_skips_later_cells_and_publishes_after_each(monkeypatch):
@@ -176,7 +190,8 @@ def test_bad_options_are_one_line_and_memory_selects_impls(tmp_path, capsys):
                            (["--batches", "2,x"], "--batches 2,x"), (["--device", "gpu"], "--device gpu"),
                            (["--memory", "some"], "--memory some"), (["--impls", "fast"], "--impls fast"),
                            (["--dtype", "fp16"], "--dtype"), (["--steps", "many"], "--steps"),
-                           (["--threads", "0"], "--threads 0"), (["--nope"], "--nope")):
+                           (["--threads", "0"], "--threads 0"), (["--peft", "ln"], "--peft ln"),
+                           (["--nope"], "--nope")):
         assert bench.main([*argv, "--no-plots", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1 and err.startswith("gist-fast bench: error:"), err
