@@ -44,7 +44,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "scikit-learn", "ninja", "matplotlib", "ruff"],
+        "dev": ["pytest", "scikit-learn", "ninja", "matplotlib", "ruff", "peft>=0.14"],  # peft: tests only
         "bench": ["matplotlib", "liger-kernel; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["gist-fast=gist_fast.cli:main"]},

@@ -3,6 +3,7 @@
     model = gist_fast.patch(timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100))
     loss = gist_fast.GistLoss()(model(images), target)
 """
+from gist_fast.hf_peft import load_peft_adapter, save_peft_adapter
 from gist_fast.losses import DistillLoss, GistLoss
 from gist_fast.memory import ActivationReport, accumulate_backward, activation_bytes, fit_micro_batch, step_with_budget
 from gist_fast.patch import PEFT_KINDS, GistOutput, PatchConfig, parameter_summary, patch, patch_config, unpatch
@@ -14,6 +15,7 @@ __all__ = [
     "patch", "unpatch", "patch_config", "PatchConfig", "parameter_summary", "GistOutput", "PEFT_KINDS",
     "GistLoss", "DistillLoss",
     "trainable_state_dict", "load_trainable_state_dict",
+    "save_peft_adapter", "load_peft_adapter",
     "taylor_importance", "select_channels",
     "activation_bytes", "ActivationReport", "fit_micro_batch", "accumulate_backward", "step_with_budget",
 ]
