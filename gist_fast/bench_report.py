@@ -5,6 +5,7 @@ measurement counts (bench_harness.latest).
     bench.md, bench_throughput.png, bench_memory.png   op "train_step" (gist-fast bench)
     ops.md, ops_<op>.png                               the op micro-benchmarks (benchmarks/bench_ops.py)
     activation_memory.md                               op "saved_activations" (benchmarks/activation_memory.py)
+    inference.md                                       op "inference" (benchmarks/inference.py: gist_fast.merge)
 
 In every table, ms is the median (p50) with ± half the p20–p80 spread, relative to the median.
 """
@@ -15,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gist_fast.bench_harness import RESULTS_CSV, Row, append_rows, check_csv, latest, parse_config, read_rows
 
-TRAIN_OP, ACTIVATIONS_OP = "train_step", "saved_activations"
+TRAIN_OP, ACTIVATIONS_OP, INFERENCE_OP = "train_step", "saved_activations", "inference"
 OP_BASE, TRAIN_BASE = "gist_fast", "eager"  # what ratios are taken against
 PER_IMPL = ("saved_MB_per_img", "max_batch")  # train_step metrics of an implementation, not of a batch size
 
@@ -261,7 +262,7 @@ def _op_summary(ops: Dict[str, List[Row]]) -> List[str]:
 def ops_markdown(rows: Sequence[Row]) -> str:
     ops: Dict[str, List[Row]] = {}
     for r in rows:
-        if r.op not in (TRAIN_OP, ACTIVATIONS_OP):
+        if r.op not in (TRAIN_OP, ACTIVATIONS_OP, INFERENCE_OP):
             ops.setdefault(r.op, []).append(r)
     ops = {op: rs for op, rs in ops.items() if any(r.metric == "ms" for r in rs)}
     if not ops:
@@ -302,6 +303,41 @@ def activations_markdown(rows: Sequence[Row]) -> str:
                       *_environment_lines(rows),
                       "- gist_fast.activation_bytes (saved-tensor hooks): device-independent, measured on CPU", "",
                       *_table(head, body, 1)]) + "\n"
+
+
+# --- inference (benchmarks/inference.py) -----------------------------------------------------------------
+
+def inference_markdown(rows: Sequence[Row]) -> str:
+    """inference.md: per configuration and kind, timm's forward against the kind patched and merged."""
+    rows = [r for r in rows if r.op == INFERENCE_OP]
+    if not rows:
+        return ""
+    constant, varying = _split_config(rows)
+    get = {(r.config, r.x_value, r.provider, r.metric): r for r in rows}
+    body = []
+    for config in _unique(r.config for r in rows):
+        cfg = parse_config(config)
+        for x in sorted({r.x_value for r in rows if r.config == config}):
+            timm = get.get((config, x, "timm", "ms"))
+            kinds = _unique(r.provider for r in rows if (r.config, r.x_value, r.metric) == (config, x, "ms")
+                            and r.provider != "timm" and not r.provider.endswith("_merged"))
+            for kind in kinds:
+                unmerged, merged = get.get((config, x, kind, "ms")), get.get((config, x, f"{kind}_merged", "ms"))
+                d = get.get((config, x, f"{kind}_merged", "max_abs_dlogits"))
+                body.append([_short(cfg[k]) if k == "model" else cfg.get(k, "") for k in varying]
+                            + [_x(x), kind, _ms(timm), _ms(unmerged), _ms(merged), _ratio(timm, unmerged),
+                               _ratio(timm, merged), _ratio(unmerged, merged),
+                               f"{d.p50:.1e}" if d is not None and d.p50 is not None else ""])
+    head = [*varying, rows[0].x_name, "kind", "timm ms", "unmerged ms", "merged ms", "unmerged vs timm",
+            "merged vs timm", "merged vs unmerged", "max abs Δlogits"]
+    setting = ", ".join(f"{k}={v}" for k, v in constant.items())
+    return "\n".join([f"# Inference: gist_fast.merge ({', '.join(_unique(r.device for r in rows))})", "",
+                      *_environment_lines(rows),
+                      f"- {setting + '; ' if setting else ''}eval-mode forward of one batch under no_grad: timm = the "
+                      "unpatched model, unmerged = patch() (its defaults, random non-zero PEFT tensors), merged = "
+                      "after gist_fast.merge; ms = median ± half the p20–p80 spread; X vs Y = Y ms / X ms "
+                      "(1.00×: as fast); max abs Δlogits = max |merged − unmerged| logit on the batch", "",
+                      *_table(head, body, len(varying) + 2)]) + "\n"
 
 
 # --- plots --------------------------------------------------------------------------------------------
@@ -448,7 +484,7 @@ def write_reports(folder: str, plots: bool = True) -> List[str]:
     rows = latest(read_rows(os.path.join(folder, RESULTS_CSV)))
     written = []
     for name, render in (("bench.md", train_markdown), ("ops.md", ops_markdown),
-                         ("activation_memory.md", activations_markdown)):
+                         ("activation_memory.md", activations_markdown), ("inference.md", inference_markdown)):
         text = render(rows)
         if text:
             written.append(_write_text(os.path.join(folder, name), text))
@@ -459,6 +495,6 @@ def write_reports(folder: str, plots: bool = True) -> List[str]:
         print("matplotlib is not installed: no PNGs (pip install matplotlib)")
         return written
     written += _train_plots(plt, [r for r in rows if r.op == TRAIN_OP], folder)
-    for op in _unique(r.op for r in rows if r.op not in (TRAIN_OP, ACTIVATIONS_OP) and r.metric == "ms"):
+    for op in _unique(r.op for r in rows if r.op not in (TRAIN_OP, ACTIVATIONS_OP, INFERENCE_OP) and r.metric == "ms"):
         written.append(_op_plot(plt, op, [r for r in rows if r.op == op], folder))
     return written

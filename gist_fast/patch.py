@@ -321,10 +321,8 @@ def _count_prefix(model: nn.Module, n: int) -> None:
 
 
 def _bind_tokens(model: nn.Module, kind, config: PatchConfig) -> None:
-    """The patched _pos_embed where the Gist token or the kind changes the token sequence."""
-    if config.gist or kind.tokens is not None or kind.patch_tokens is not None:
-        model._pos_embed = functools.partial(_peft_pos_embed, model, patch_tokens=kind.patch_tokens,
-                                             tokens=kind.tokens, gist=config.gist)
+    """The patched _pos_embed where the Gist token or the kind changes the token sequence (bind_pos_embed)."""
+    if bind_pos_embed(model, kind.patch_tokens):
         _count_prefix(model, _extra_tokens(config))
 
 
@@ -342,6 +340,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     The model can be patched again afterwards. Returns it."""
     kind = KINDS[patch_config(model)["peft"]]
     config = model.gist_fast_config
+    if hasattr(model, "_gist_fast_merged"):
+        raise RuntimeError("this model is merged (gist_fast.merge): gist_fast.unmerge(model) first, so that unpatch "
+                           "gives back the original timm weights")
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # the bound partial shadowed the class's forward
         for path in kind.modules:
@@ -359,3 +360,16 @@ def unpatch(model: nn.Module) -> nn.Module:
         p.requires_grad_(name in trained)
     del model.gist_fast_config
     return model
+
+
+def bind_pos_embed(model: nn.Module, patch_tokens) -> bool:
+    """model._pos_embed as patch() binds it (_peft_pos_embed: the Gist token and the kind's tokens), with
+    `patch_tokens` the change to the patch tokens (the kind's in patch(); None from gist_fast.merge, which folds
+    it into the patch projection); timm's own where nothing changes the sequence. Whether it is patched."""
+    config, kind = model.gist_fast_config, KINDS[model.gist_fast_config.peft]
+    if not (config.gist or kind.tokens is not None or patch_tokens is not None):
+        model.__dict__.pop("_pos_embed", None)
+        return False
+    model._pos_embed = functools.partial(_peft_pos_embed, model, patch_tokens=patch_tokens, tokens=kind.tokens,
+                                         gist=config.gist)
+    return True
