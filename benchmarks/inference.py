@@ -13,7 +13,8 @@ functions timed side by side (CPU: interleaved rounds, CUDA: do_bench), each one
     <kind>           gist_fast.patch(peft=<kind>, gist=...) with random non-zero PEFT tensors
     <kind>_merged    the same after gist_fast.merge
 Rows: op "inference", mode "forward", metrics ms and img_per_s (x = batch), and max_abs_dlogits (the largest
-|merged - unmerged| logit on the batch). Expected: CPU about 2 minutes on 2 cores with --threads 1.
+|merged - unmerged| logit on the batch). Expected: CPU about 2 minutes on 2 cores with --threads 1 (4.5 with
+--rep-ms 15000, the committed run's ~19 rounds).
 """
 import copy
 import sys

@@ -93,10 +93,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 
     Exact up to rounding: qkv-lora subtracts (α/r)·up·down; lora solves (I + α·up·down)·W = W_merged per head
     (d_h × d_h); ssf divides by γ. Computed in float64 from the stored weights, each restored weight is within a
-    few units in the last place of its dtype of the original (lora: times the condition number of I + α·up·down;
-    ssf bias: relative to |β|/|γ|). The tests hold fp64 to 1e-12, fp32 to 1e-5 and bf16 to 2e-2 of each tensor's
-    largest magnitude. Refused (ValueError, nothing changed) when nothing can be recovered: a γ of 0 (a channel
-    merge set to zero), or an I + α·up·down singular at the weight's precision (condition number · eps >= 1).
+    few units in the last place of its dtype of the original (relative to the larger of it and its merged value;
+    lora: times the condition number of I + α·up·down; ssf bias: relative to |β|/|γ|). The tests hold fp64 to
+    1e-12, fp32 to 1e-5 and bf16 to 2e-2 of each tensor's largest magnitude before or after the merge. Refused
+    (ValueError, nothing changed) when nothing can be recovered: a γ of 0 (a channel merge set to zero), or an
+    I + α·up·down singular at the weight's precision (condition number · eps >= 1).
     """
     config = _config(model)
     state = getattr(model, MERGED, None)
