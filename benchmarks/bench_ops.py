@@ -3,7 +3,7 @@ for the losses on CUDA, Liger-Kernel; forward, backward and both, through the be
 (gist_fast.bench_harness): rows appended to <out>/results.csv, ops.md redrawn after every
 measurement, ops_<op>.png at the end (gist_fast.bench_report; benchmarks/plot.py redraws them).
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--ops adapter,gist_loss,distill_loss]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--ops adapter,gist_loss,distill_loss,scale_shift,lora_qv]
         [--providers gist_fast,eager,compile,liger] [--modes forward,backward,full] [--xs 1584,6336]
         [--threads N] [--rep-ms 100] [--time-budget SECONDS] [--out DIR] [--no-plots]
 
@@ -18,6 +18,11 @@ Cases (x is swept; the rest is the config):
                   CUDA: bf16 tensors, and "amp" (x and weights fp32, branch bf16, under bf16 autocast)
     gist_loss     gist_fast.ops.gist_loss at batch 256; x = classes. CPU fp32, CUDA bf16 logits
     distill_loss  gist_fast.ops.distill_loss(kind="kl"), as gist_loss
+    scale_shift   gist_fast.ops.scale_shift (SSF) at D 768 (after norm1, proj, fc2, norm2) and, with the GELU,
+                  3072 (after fc1); x = rows. CPU: fp32; CUDA: bf16 tensors, and "amp" (x bf16, scale and shift
+                  fp32, as under bf16 autocast)
+    lora_qv       gist_fast.ops.lora_qv on ViT-B's qkv (D 768, 12 heads of 64) at rank 4 and 64; x = rows. CPU:
+                  fp32; CUDA: bf16 tensors, and "amp" (qkv bf16, factors fp32, under bf16 autocast)
 Providers: gist_fast (the public op: C++ on CPU, Triton on CUDA), eager (gist_fast.reference), compile
 (torch.compile of the reference, static shapes, compiled during warm-up), liger (CUDA losses: Liger's
 cross-entropy and KL ops composed into the same loss, when liger_kernel imports). On CUDA the memory
@@ -137,6 +142,46 @@ def _setup_loss(op: str, provider: str, classes: int, config: Dict, device: torc
     return OpCase(lambda: impl(a, b, y), [a, b], {"forward": io, "backward": io, "full": 2 * io})  # read; write grads
 
 
+def setup_scale_shift(provider: str, rows: int, config: Dict, device: torch.device) -> OpCase:
+    """scale_shift(x, γ, β, gelu): SSF at one site of a block."""
+    dim, gelu, amp = int(config["D"]), bool(config["gelu"]), config["dtype"] == "amp"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.bfloat16}[config["dtype"]]
+    g = torch.Generator(device=device).manual_seed(dim)
+    x = _randn(g, rows, dim, dtype=dtype)
+    params = [_randn(g, dim, std=0.02, mean=1.0, dtype=torch.float32 if amp else dtype),
+              _randn(g, dim, std=0.02, dtype=torch.float32 if amp else dtype)]
+    impl = {"gist_fast": ops.scale_shift, "eager": reference.scale_shift,
+            "compile": _compiled(reference.scale_shift)}.get(provider)
+    if impl is None:
+        raise NotApplicable(provider)
+
+    io = x.nbytes  # x read; out written in x's dtype
+    return OpCase(lambda: impl(x, *params, gelu), [x, *params],
+                  {"forward": 2 * io, "backward": 3 * io, "full": 5 * io})  # bwd: read g, x; write dx
+
+
+def setup_lora_qv(provider: str, rows: int, config: Dict, device: torch.device) -> OpCase:
+    """lora_qv(qkv, down_q, up_q, down_v, up_v, 1.0, heads): the per-head LoRA after a block's qkv Linear."""
+    dim, heads, rank, amp = int(config["D"]), int(config["heads"]), int(config["rank"]), config["dtype"] == "amp"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.bfloat16}[config["dtype"]]
+    head_dim, factor_dtype = dim // heads, torch.float32 if amp else dtype
+    g = torch.Generator(device=device).manual_seed(rank)
+    qkv = _randn(g, rows, 3 * dim, dtype=dtype)
+    factors = [t for _ in "qv" for t in (_randn(g, rank, head_dim, std=head_dim ** -0.5, dtype=factor_dtype),
+                                        _randn(g, head_dim, rank, std=rank ** -0.5, dtype=factor_dtype))]
+    impl = {"gist_fast": ops.lora_qv, "eager": reference.lora_qv,
+            "compile": _compiled(reference.lora_qv)}.get(provider)
+    if impl is None:
+        raise NotApplicable(provider)
+
+    def forward():
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            return impl(qkv, *factors, 1.0, heads)
+
+    io = qkv.nbytes  # qkv read; out written in qkv's layout and dtype
+    return OpCase(forward, [qkv, *factors], {"forward": 2 * io, "backward": 3 * io, "full": 5 * io})
+
+
 setup_gist_loss = functools.partial(_setup_loss, "gist_loss")
 setup_distill_loss = functools.partial(_setup_loss, "distill_loss")
 _LIGER: List[Optional[Dict[str, Callable]]] = [None, "not loaded"]  # (losses, version or why not)
@@ -160,6 +205,14 @@ OPS = {
                            {"cpu": (10, 100, 1000, 5000), "cuda": (10, 100, 1000, 50000)},
                            {"cpu": [{"B": 256, "kind": "kl", "dtype": "fp32"}],
                             "cuda": [{"B": 256, "kind": "kl", "dtype": "bf16"}]}),
+    "scale_shift": OpSpec(setup_scale_shift, "rows",
+                          {"cpu": (8 * TOKENS, 32 * TOKENS), "cuda": (64 * TOKENS, 256 * TOKENS)},
+                          {dev: [{"D": d, "gelu": gelu, "dtype": t} for t in dtypes
+                                 for d, gelu in ((DIM, False), (4 * DIM, True))]
+                           for dev, dtypes in (("cpu", ("fp32",)), ("cuda", ("bf16", "amp")))}),
+    "lora_qv": OpSpec(setup_lora_qv, "rows", {"cpu": (8 * TOKENS, 32 * TOKENS), "cuda": (64 * TOKENS, 256 * TOKENS)},
+                      {dev: [{"D": DIM, "heads": 12, "rank": r, "dtype": t} for t in dtypes for r in (4, 64)]
+                       for dev, dtypes in (("cpu", ("fp32",)), ("cuda", ("bf16", "amp")))}),
 }
 
 

@@ -1,5 +1,5 @@
-"""Shared @triton.jit helpers (exact GELU, online softmax statistics) and launcher helpers (dot operand
-dtype, the row-major check)."""
+"""Shared @triton.jit helpers (exact GELU, online softmax statistics, the weight-gradient flush) and launcher
+helpers (dot operand dtype, the row-major check, the SM count)."""
 import os
 
 import torch
@@ -89,3 +89,20 @@ def online_stats(z, other, m, s1, st, cross, inv_t):
     gap = tl.where(z == float("-inf"), 0.0, et * (z - other))
     return (m_new, s1 * alpha1 + tl.sum(e1, axis=0), st * alphat + tl.sum(et, axis=0),
             cross * alphat + tl.sum(gap, axis=0))
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device: the size of one wave of a persistent grid; 2 elsewhere (the interpreter), so a
+    test's program walks several tiles."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+@triton.jit
+def flush_partial(ptrs, values, mask, ATOMIC: tl.constexpr):
+    """A program's weight-gradient partial, summed in registers over its tiles, written once: added into the
+    shared fp32 slot with relaxed atomics, or stored into the program's own slot (the launcher sums the slots in
+    a fixed order)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, values, mask=mask)

@@ -25,6 +25,11 @@ H100_SHARED_BYTES = 232_448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
 H100_SMS = 132
 ADAPTER_DIM = 768  # ViT-B; any D divisible by 16 specialises the same way
 ADAPTER_ROWS = 256
+SSF_DIMS = (768, 2304, 3072)  # ViT-B's SSF sites: D (norms, proj, fc2), 3D (qkv), 4D (fc1, with the GELU)
+LORA_HEADS = 12  # ViT-B: D = 768, d_h = 64
+LORA_RANKS = (1, 4, 8, 16, 32, 64)  # every BLOCK_R up to lora_qv.MAX_RANK; 4, 8 and 64 are the ones in use
+LORA_HEAD_DIMS = (16, 32, 48, 80, 88, 96, 128)  # other heads at the largest rank: every BLOCK_DH, and d_h = 88
+# (ViT-g) not divisible by 16
 
 
 def _dtype_sets():
@@ -39,8 +44,8 @@ def _dtype_sets():
 
 
 def training_path(family: str, dtypes: str, rank: int = 0) -> bool:
-    """Configurations a training step runs, which must not spill: every loss kernel; the adapter at rank <= 64
-    in a 16-bit dtype or the autocast mix."""
+    """Configurations a training step runs, which must not spill: every loss kernel; the adapter, SSF and LoRA
+    kernels at rank <= 64 (SSF: rank 0) in a 16-bit dtype or the autocast mix."""
     return family == "loss" or (rank <= 64 and dtypes != "fp32")
 
 
@@ -48,7 +53,7 @@ def configurations():
     """(label, run) for every launcher configuration; run() calls the real launcher once on CPU tensors."""
     import torch
 
-    from gist_fast.kernels import adapter, losses
+    from gist_fast.kernels import adapter, lora_qv, losses, scale_shift
 
     def adapter_case(dtypes, rank, has_base, has_branch, has_norm):
         """Uninitialised tensors: nothing runs, only the launcher's choices and the kernels' specialisation matter."""
@@ -99,6 +104,39 @@ def configurations():
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
         yield (("pair_loss", dtype_name, 0, f"mode={mode} C={classes} grad={grad} reduction={reduction}"),
                lambda a=(mode, dtype, classes, grad, reduction): loss(*a))
+
+    # SSF and LoRA act on sub-layer outputs: under autocast x / qkv come in the branch dtype (bf16), with the
+    # parameters fp32
+    def ssf(dtypes, dim, gelu, backward, deterministic):
+        _, x_dt, w_dt, _ = _dtype_sets()[dtypes]
+        x, scale, shift = torch.empty(ADAPTER_ROWS, dim, dtype=x_dt), *(torch.empty(dim, dtype=w_dt) for _ in range(2))
+        if backward:
+            scale_shift.scale_shift_bwd(torch.empty_like(x), x, scale, shift, gelu, atomic=not deterministic)
+        else:
+            scale_shift.scale_shift_fwd(x, scale, shift, gelu)
+
+    for dtypes, dim, gelu in itertools.product(_dtype_sets(), SSF_DIMS, (False, True)):
+        yield (("scale_shift", dtypes, 0, f"D={dim} gelu={gelu}"), lambda a=(dtypes, dim, gelu): ssf(*a, False, False))
+        for det in (False, True):
+            yield (("scale_shift_bwd", dtypes, 0, f"D={dim} gelu={gelu} deterministic={det}"),
+                   lambda a=(dtypes, dim, gelu, det): ssf(a[0], a[1], a[2], True, a[3]))
+
+    def lora(dtypes, rank, head_dim, backward, deterministic):
+        _, x_dt, w_dt, dot = _dtype_sets()[dtypes]
+        qkv = torch.empty(ADAPTER_ROWS, 3 * LORA_HEADS * head_dim, dtype=x_dt)
+        factors = [torch.empty(rank, head_dim, dtype=w_dt), torch.empty(head_dim, rank, dtype=w_dt)] * 2
+        if backward:
+            lora_qv.lora_qv_bwd(torch.empty_like(qkv), qkv, *factors, 1.0, LORA_HEADS, dot_dtype=dot,
+                                atomic=not deterministic)
+        else:
+            lora_qv.lora_qv_fwd(qkv, *factors, 1.0, LORA_HEADS, dot_dtype=dot)
+
+    shapes = [(r, 64) for r in LORA_RANKS] + [(lora_qv.MAX_RANK, d) for d in LORA_HEAD_DIMS]
+    for dtypes, (rank, head_dim) in itertools.product(_dtype_sets(), shapes):
+        yield (("lora_qv", dtypes, rank, f"d_h={head_dim}"), lambda a=(dtypes, rank, head_dim): lora(*a, False, False))
+        for det in (False, True):
+            yield (("lora_qv_bwd", dtypes, rank, f"d_h={head_dim} deterministic={det}"),
+                   lambda a=(dtypes, rank, head_dim, det): lora(*a[:3], True, a[3]))
 
 
 class _H100Driver:
@@ -214,7 +252,7 @@ def main() -> None:
             "kernel": metadata.name, "hash": metadata.hash, "num_warps": metadata.num_warps,
             "num_stages": metadata.num_stages, "shared_bytes": metadata.shared, **usage,
             "atomics": _atomics(kernel.asm["ptx"]), "configs": [list(label) for label in labels],
-            "training_path": any(training_path("loss" if lb[0] == "pair_loss" else "adapter", lb[1], lb[2])
+            "training_path": any(training_path("loss" if lb[0] == "pair_loss" else lb[0], lb[1], lb[2])
                                  for lb in labels),
         })
     args.report.write_text(json.dumps({"triton": triton.__version__, "records": records, "errors": errors}, indent=1))
@@ -228,9 +266,9 @@ def _compiled(hash_: str):
     if not _KERNELS:
         from triton.runtime.jit import JITFunction
 
-        from gist_fast.kernels import adapter, losses
+        from gist_fast.kernels import adapter, lora_qv, losses, scale_shift
 
-        for module in (adapter, losses):
+        for module in (adapter, losses, scale_shift, lora_qv):
             for obj in vars(module).values():
                 if isinstance(obj, JITFunction):
                     for cache in obj.device_caches.values():

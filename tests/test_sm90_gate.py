@@ -74,7 +74,8 @@ def test_gate_uses_the_gpu_machines_triton(report):
 def test_every_configuration_compiles(report):
     assert not report["errors"], "\n".join(f"{e['config']}: {e['error'][:500]}" for e in report["errors"][:10])
     families = {c[0] for r in report["records"] for c in r["configs"]}
-    assert families == {"adapter_fwd", "adapter_bwd", "pair_loss"}, families
+    assert families == {"adapter_fwd", "adapter_bwd", "pair_loss", "scale_shift", "scale_shift_bwd", "lora_qv",
+                        "lora_qv_bwd"}, families
     ranks = {c[2] for r in report["records"] for c in r["configs"] if c[0] == "adapter_bwd"}
     assert ranks == set(range(1, 257)), "every rank up to MAX_RANK reaches a compiled kernel"
 
