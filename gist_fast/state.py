@@ -4,12 +4,15 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from gist_fast.merge import MERGED
 from gist_fast.patch import PatchConfig, patch, patch_config
 
 
 def trainable_state_dict(model: nn.Module) -> Dict[str, Any]:
-    """{"gist_fast_config": how the model was patched, "state_dict": its trainable tensors}."""
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """{"gist_fast_config": how the model was patched, "state_dict": its trainable tensors} (of a merged model:
+    the PEFT tensors too, unfolded as they were trained, though merge stopped their gradients)."""
+    names = set(getattr(model, MERGED, {}).get("trainable", ()))
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or n in names}
     return {"gist_fast_config": patch_config(model), "state_dict": params}
 
 
@@ -20,6 +23,9 @@ def load_trainable_state_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> n
         raise ValueError("not a gist_fast checkpoint: expected the keys 'gist_fast_config' and 'state_dict' "
                          "(see gist_fast.trainable_state_dict)")
     saved = checkpoint["gist_fast_config"]
+    if hasattr(model, MERGED):
+        raise ValueError("the model is merged (gist_fast.merge): its weights hold the PEFT tensors folded in; "
+                         "gist_fast.unmerge(model) first, or load into a fresh model")
     if not hasattr(model, "gist_fast_config"):
         patch(model, **PatchConfig.from_dict(saved).patch_kwargs(), verbose=False)
     differ = model.gist_fast_config.differences(saved)

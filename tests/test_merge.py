@@ -164,12 +164,17 @@ def test_a_merged_model_trains_the_head_and_gist_only():
     assert gist_fast.parameter_summary(model).trainable == total
 
 
-@pytest.mark.xfail(strict=True, reason="gist_fast.trainable_state_dict saves the tensors that require grad, and "
-                   "merge turns the folded ones off: state.py must also save a merged model's PEFT tensors")
 def test_trainable_state_dict_of_a_merged_model_keeps_the_peft_tensors():
+    """A merged model's checkpoint holds the PEFT tensors as trained; it loads into a fresh model, not a merged one."""
     model = _patched("lora", dtype=torch.float32)
-    saved = gist_fast.trainable_state_dict(model)["state_dict"].keys()
-    assert gist_fast.trainable_state_dict(gist_fast.merge(model))["state_dict"].keys() == saved
+    saved = gist_fast.trainable_state_dict(model)["state_dict"]
+    merged = gist_fast.trainable_state_dict(gist_fast.merge(model))
+    assert merged["state_dict"].keys() == saved.keys()
+    assert all(torch.equal(merged["state_dict"][k], v) for k, v in saved.items())
+    with pytest.raises(ValueError, match="the model is merged"):
+        gist_fast.load_trainable_state_dict(model, merged)
+    fresh = gist_fast.load_trainable_state_dict(tiny_vit().float(), merged).eval()
+    torch.testing.assert_close(_logits(fresh), _logits(model))
 
 
 def test_a_merged_model_pickles_and_unmerges_after_loading(tmp_path):
