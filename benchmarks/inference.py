@@ -26,11 +26,10 @@ import gist_fast
 from gist_fast import bench_harness as harness
 from gist_fast import bench_report
 from gist_fast.bench_harness import Row, make_row
-from gist_fast.merge import NOT_MERGEABLE
 from gist_fast.peft import KINDS
 
 OP = bench_report.INFERENCE_OP
-MERGEABLE = tuple(k for k in KINDS if k not in NOT_MERGEABLE)
+MERGEABLE = tuple(k for k, kind in KINDS.items() if kind.fold is not None)
 DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, "bf16"), "cpu": ("vit_small_patch16_224", 8, "fp32")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -4,33 +4,16 @@ patched model runs timm's own block forwards, and back (METHODS §6: what is mer
     model = gist_fast.merge(model)    # in place; eval logits as before, timm's inference speed
     model = gist_fast.unmerge(model)  # the weights and the patched forwards back (up to rounding)
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gist_fast.patch import _trainable_groups, bind_pos_embed, patch_config
 from gist_fast.peft import KINDS
+from gist_fast.peft.blocks import Update
 
 MERGED = "_gist_fast_merged"  # the model attribute a merged model carries (what unmerge puts back)
-
-# why a kind has nothing merge can fold
-NOT_MERGEABLE = {
-    "adapter": "its adapters apply a GELU between their two Linears (s·up(GELU(down x))): no frozen weight can "
-               "absorb them",
-    "seq-adapter": "its adapters apply a GELU between their two Linears (up(GELU(down x))): no frozen weight can "
-                   "absorb them",
-    "adaptformer": "its adapters apply a GELU between their two Linears (s·up(GELU(down x))): no frozen weight can "
-                   "absorb them",
-    "channels": "its K×K linear acts on the residual stream entering norm2, where no frozen weight sits to absorb it",
-    "vpt": "prompts are tokens, not weights: they stay in the sequence",
-    "ln": "its trained tensors are the LayerNorms' own weights: there is nothing to fold and the blocks already run "
-          "timm's forward",
-    "linear": "only the head trains: there is nothing to fold",
-}
-
-# (module path, parameter name, new value or None to remove it); None in a target: a parameter that is None now
-Update = Tuple[str, str, Optional[Tensor]]
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -64,17 +47,16 @@ def merge(model: nn.Module) -> nn.Module:
     if hasattr(model, MERGED):
         raise RuntimeError("this model is already merged (gist_fast.merge): a second merge would fold the PEFT "
                            "tensors twice; gist_fast.unmerge(model) first")
-    fold = _FOLDS.get(config.peft)
-    if fold is None:
+    kind = KINDS[config.peft]
+    if kind.fold is None:
         extra = " (the Gist token stays a token too)" if config.gist else ""
-        raise ValueError(f"peft={config.peft!r} has nothing to merge: {NOT_MERGEABLE[config.peft]}{extra}. "
+        raise ValueError(f"peft={config.peft!r} has nothing to merge: {kind.unmergeable}{extra}. "
                          "gist_fast.merge folds lora, qkv-lora and ssf")
-    updates = fold(model, undo=False)  # every check and every new value before anything changes
+    updates = kind.fold(model, undo=False)  # every check and every new value before anything changes
     created = [(path, name) for path, name, _ in updates if getattr(model.get_submodule(path), name) is None]
     _apply(model, updates)
-    kind = KINDS[config.peft]
     forwards = {}
-    for path in [f"blocks.{i}" for i in range(len(model.blocks))] + (["norm"] if config.peft == "ssf" else []):
+    for path in [f"blocks.{i}" for i in range(len(model.blocks))] + ["norm"]:  # ssf binds the final norm's
         bound = model.get_submodule(path).__dict__.pop("forward", None)  # patch()'s bound partial: timm's again
         if bound is not None:
             forwards[path] = bound
@@ -103,13 +85,13 @@ def unmerge(model: nn.Module) -> nn.Module:
     state = getattr(model, MERGED, None)
     if state is None:
         raise RuntimeError("this model is not merged: gist_fast.unmerge undoes gist_fast.merge")
-    updates = _FOLDS[config.peft](model, undo=True)
+    kind = KINDS[config.peft]
+    updates = kind.fold(model, undo=True)
     created = {tuple(c) for c in state["created"]}
     updates = [(path, name, None if (path, name) in created else value) for path, name, value in updates]
     _apply(model, updates)
     for path, bound in state["forwards"].items():
         model.get_submodule(path).forward = bound
-    kind = KINDS[config.peft]
     if kind.patch_tokens is not None:
         bind_pos_embed(model, kind.patch_tokens)
     trainable = set(state["trainable"])
@@ -146,100 +128,3 @@ def _apply(model: nn.Module, updates: List[Update]) -> None:
                 setattr(module, name, nn.Parameter(value, requires_grad=False))
             else:
                 current.copy_(value)
-
-
-def _f64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64)
-
-
-# --- lora: per head, W_h <- (I + α up down) W_h -----------------------------------------------------------
-
-def _fold_lora(model: nn.Module, undo: bool) -> List[Update]:
-    updates = []
-    for i, block in enumerate(model.blocks):
-        attn, path = block.attn, f"blocks.{i}.attn.qkv"
-        heads, d_h = attn.num_heads, attn.head_dim
-        width = heads * d_h
-        w, b = _f64(attn.qkv.weight), None if attn.qkv.bias is None else _f64(attn.qkv.bias)
-        for third, lora in ((0, attn.lora_q), (2, attn.lora_v)):
-            m = torch.eye(d_h, dtype=torch.float64, device=w.device) + _f64(lora.delta())
-            rows = slice(third * width, (third + 1) * width)
-            if undo:
-                _check_invertible(m, attn.qkv.weight.dtype, f"block {i}'s {'qv'[third // 2]}")
-                w[rows] = torch.linalg.solve(m, w[rows].reshape(heads, d_h, -1)).reshape(width, -1)
-                if b is not None:
-                    b[rows] = torch.linalg.solve(m, b[rows].reshape(heads, d_h, 1)).reshape(width)
-            else:
-                w[rows] = (m @ w[rows].reshape(heads, d_h, -1)).reshape(width, -1)
-                if b is not None:
-                    b[rows] = (b[rows].reshape(heads, d_h) @ m.T).reshape(width)
-        updates.append((path, "weight", w.to(attn.qkv.weight.dtype)))
-        if b is not None:
-            updates.append((path, "bias", b.to(attn.qkv.bias.dtype)))
-    return updates
-
-
-def _check_invertible(m: Tensor, dtype: torch.dtype, where: str) -> None:
-    """Refuse an I + α·up·down that is singular at the weight's precision: its condition number times the dtype's
-    eps (the unfolded weights' relative error bound) reaches 1."""
-    cond = torch.linalg.cond(m).item()
-    if not cond * torch.finfo(dtype).eps < 1:
-        raise ValueError(f"cannot unmerge: I + α·up·down of {where} is singular at {dtype}'s precision (condition "
-                         f"number {cond:.3g}), so the weights merge folded it into cannot be recovered")
-
-
-# --- qkv-lora: W <- W + (α/r) up down ---------------------------------------------------------------------
-
-def _fold_qkv_lora(model: nn.Module, undo: bool) -> List[Update]:
-    updates = []
-    for i, block in enumerate(model.blocks):
-        qkv = block.attn.qkv
-        delta = _f64(block.attn.qkv_lora.delta())
-        updates.append((f"blocks.{i}.attn.qkv", "weight", (_f64(qkv.weight) + (-delta if undo else delta))
-                        .to(qkv.weight.dtype)))
-    return updates
-
-
-# --- ssf: into the LayerNorm, Linear or Conv2d before each site --------------------------------------------
-
-_BLOCK_TARGETS = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1",
-                  "fc2": "mlp.fc2"}
-
-
-def _ssf_sites(model: nn.Module) -> List[Tuple[str, str]]:
-    """(ScaleShift path, the path of the layer whose output it scales and shifts)."""
-    sites = [("ssf_patch", "patch_embed.proj"), ("ssf_final", "norm")]
-    for i in range(len(model.blocks)):
-        sites += [(f"blocks.{i}.ssf_{s}", f"blocks.{i}.{t}") for s, t in _BLOCK_TARGETS.items()]
-    return sites
-
-
-def _absorbs(layer: nn.Module) -> bool:
-    return isinstance(layer, (nn.LayerNorm, nn.Linear, nn.Conv2d))
-
-
-def _fold_ssf(model: nn.Module, undo: bool) -> List[Update]:
-    updates = []
-    for ssf_path, path in _ssf_sites(model):
-        ssf, layer = model.get_submodule(ssf_path), model.get_submodule(path)
-        if not _absorbs(layer):
-            raise ValueError(f"cannot merge {ssf_path}: it follows {path} ({type(layer).__name__}), and merge folds "
-                             "SSF into a LayerNorm, Linear or Conv2d only")
-        gamma, beta = _f64(ssf.scale), _f64(ssf.shift)
-        dtype = next(t for t in (layer.weight, layer.bias, ssf.scale) if t is not None).dtype
-        w = torch.ones_like(gamma) if layer.weight is None else _f64(layer.weight)
-        b = torch.zeros_like(gamma) if layer.bias is None else _f64(layer.bias)
-        g = gamma.reshape(-1, *[1] * (w.dim() - 1))
-        if undo:
-            if (gamma == 0).any():
-                raise ValueError(f"cannot unmerge {ssf_path}: {int((gamma == 0).sum())} of its scales are 0, so merge "
-                                 f"set those channels of {path} to zero and they cannot be recovered")
-            w, b = w / g, (b - beta) / gamma
-        else:
-            w, b = w * g, b * gamma + beta
-        updates += [(path, "weight", w.to(dtype)), (path, "bias", b.to(dtype))]
-    return updates
-
-
-_FOLDS: Dict[str, Callable[[nn.Module, bool], List[Update]]] = {
-    "lora": _fold_lora, "qkv-lora": _fold_qkv_lora, "ssf": _fold_ssf}

@@ -4,10 +4,19 @@ The kinds that act inside attention or the MLP (lora, qkv-lora, ssf) are one blo
 over a `Steps` class: the block's math as timm writes it, with each site a kind may change (norm1, qkv, proj,
 norm2, fc1, the rest of the MLP) a static method its subclass overrides. The memory-lean path
 (gist_fast.lean_steps) runs the same steps."""
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# what gist_fast.merge folds: (module path, parameter name, new value or None to remove it), computed by a
+# kind's `fold(model, undo)` in float64 (f64)
+Update = Tuple[str, str, Optional[Tensor]]
+
+
+def f64(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64)
 
 
 def attn_branch(block, x: Tensor, attn_kwargs: dict) -> Tensor:

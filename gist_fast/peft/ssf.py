@@ -2,7 +2,7 @@
 fc2 and the final norm. Fused: after a LayerNorm it is the LayerNorm with the affine (w γ, b γ + β); after
 fc1 it rides with the GELU (one op); elsewhere one scale-shift op."""
 import functools
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from gist_fast import ops, reference
 from gist_fast.ops.adapter import fusable_norm
-from gist_fast.peft.blocks import Steps, steps_reason
+from gist_fast.peft.blocks import Steps, Update, f64, steps_reason
 
 BLOCK_SITES = ("norm1", "qkv", "proj", "norm2", "fc1", "fc2")
 
@@ -101,3 +101,44 @@ def install_ssf(model: nn.Module, config, like: dict) -> None:
 def uninstall_ssf(model: nn.Module) -> None:
     model.norm.__dict__.pop("forward", None)
     del model.ssf_patch, model.ssf_final
+
+
+# --- merge (gist_fast.merge): each site folded into the LayerNorm, Linear or Conv2d before it -------------
+
+_BLOCK_TARGETS = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1",
+                  "fc2": "mlp.fc2"}
+
+
+def _ssf_sites(model: nn.Module) -> List[Tuple[str, str]]:
+    """(ScaleShift path, the path of the layer whose output it scales and shifts)."""
+    sites = [("ssf_patch", "patch_embed.proj"), ("ssf_final", "norm")]
+    for i in range(len(model.blocks)):
+        sites += [(f"blocks.{i}.ssf_{s}", f"blocks.{i}.{t}") for s, t in _BLOCK_TARGETS.items()]
+    return sites
+
+
+def _absorbs(layer: nn.Module) -> bool:
+    return isinstance(layer, (nn.LayerNorm, nn.Linear, nn.Conv2d))
+
+
+def fold_ssf(model: nn.Module, undo: bool) -> List[Update]:
+    updates = []
+    for ssf_path, path in _ssf_sites(model):
+        ssf, layer = model.get_submodule(ssf_path), model.get_submodule(path)
+        if not _absorbs(layer):
+            raise ValueError(f"cannot merge {ssf_path}: it follows {path} ({type(layer).__name__}), and merge folds "
+                             "SSF into a LayerNorm, Linear or Conv2d only")
+        gamma, beta = f64(ssf.scale), f64(ssf.shift)
+        dtype = next(t for t in (layer.weight, layer.bias, ssf.scale) if t is not None).dtype
+        w = torch.ones_like(gamma) if layer.weight is None else f64(layer.weight)
+        b = torch.zeros_like(gamma) if layer.bias is None else f64(layer.bias)
+        g = gamma.reshape(-1, *[1] * (w.dim() - 1))
+        if undo:
+            if (gamma == 0).any():
+                raise ValueError(f"cannot unmerge {ssf_path}: {int((gamma == 0).sum())} of its scales are 0, so merge "
+                                 f"set those channels of {path} to zero and they cannot be recovered")
+            w, b = w / g, (b - beta) / gamma
+        else:
+            w, b = w * g, b * gamma + beta
+        updates += [(path, "weight", w.to(dtype)), (path, "bias", b.to(dtype))]
+    return updates
