@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from gist_fast.peft.blocks import attention_residual, mlp_residual, steps_forward
+from gist_fast.peft.blocks import Steps, attention_residual, mlp_residual, steps_forward
 
 
 def bind(block: nn.Module, mode: str, *, steps) -> functools.partial:
@@ -35,8 +35,8 @@ def lean_steps_forward(block: nn.Module, x: Tensor, *, steps, mode: str, **attn_
     if (mode is None or torch.compiler.is_compiling()
             or not (torch.is_grad_enabled() and (x.requires_grad or params))):
         return steps_forward(block, x, steps=steps, **attn_kwargs)
-    if mode == "lean" and block.mlp.fc1.weight.requires_grad:
-        mode = "min"  # an unfrozen fc1 needs its input, h2, in the replayed graph
+    if mode == "lean" and (steps.fc1 is not Steps.fc1 or any(p.requires_grad for p in block.mlp.fc1.parameters())):
+        mode = "min"  # "lean" computes fc1's input gradient as g_u @ W: a frozen, plain fc1 only
     return _LeanSteps.apply(block, steps, mode, attn_kwargs, x, *params)
 
 
@@ -80,18 +80,24 @@ class _LeanSteps(torch.autograd.Function):
     def backward(ctx, dy):
         x, u = ctx.saved_tensors
         block, steps, params = ctx.block, ctx.steps, list(ctx.params)
-        with torch.enable_grad(), _replayed_rng(ctx.rng, x), torch.autocast(**ctx.autocast):
-            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[4])
-            wrt = ([x_leaf] if x_leaf.requires_grad else []) + params
-            x1 = attention_residual(block, steps, x_leaf, ctx.attn_kwargs)
-            h2 = steps.norm2(block, x1)
+        x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[4])
+        wrt = ([x_leaf] if x_leaf.requires_grad else []) + params
+        # The graphs are built as the forward ran (its RNG and autocast state); the gradients are taken outside
+        # autocast, as autograd runs the eager block's backward.
+        with torch.enable_grad(), _replayed_rng(ctx.rng, x):
+            with torch.autocast(**ctx.autocast):
+                x1 = attention_residual(block, steps, x_leaf, ctx.attn_kwargs)
+                h2 = steps.norm2(block, x1)
+                if u is None:
+                    y = mlp_residual(block, steps, x1, steps.fc1(block, h2))
+                else:
+                    x1_leaf, u_leaf = x1.detach().requires_grad_(), u.detach().requires_grad_()  # the MLP's own graph
+                    y = mlp_residual(block, steps, x1_leaf, u_leaf)
             if u is None:
-                grads = _grad([mlp_residual(block, steps, x1, steps.fc1(block, h2))], wrt, [dy])
+                grads = _grad([y], wrt, [dy])
             else:
-                x1_leaf, u_leaf = x1.detach().requires_grad_(), u.detach().requires_grad_()  # the MLP's own graph
-                g_x1, g_u, *g_back = _grad([mlp_residual(block, steps, x1_leaf, u_leaf)], [x1_leaf, u_leaf] + params,
-                                           [dy])
-                g_h2 = g_u @ block.mlp.fc1.weight.to(g_u.dtype)  # fc1 is frozen here: its input gradient only
+                g_x1, g_u, *g_back = _grad([y], [x1_leaf, u_leaf] + params, [dy])
+                g_h2 = g_u @ block.mlp.fc1.weight.to(g_u.dtype)  # fc1 is frozen and plain here: its input gradient
                 grads = [_add(a, b) for a, b in zip(_grad([x1, h2], wrt, [g_x1, g_h2.to(h2.dtype)]),
                                                     ([None] * (len(wrt) - len(params))) + g_back)]
         g_x = grads[0] if x_leaf.requires_grad else None

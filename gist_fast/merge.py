@@ -34,8 +34,7 @@ def merge(model: nn.Module) -> nn.Module:
     What cannot fold: prompts (vpt) and the Gist token are tokens, not weights; the adapters (adapter, seq-adapter,
     adaptformer) put a GELU between their Linears; channels' K×K linear acts on the residual stream itself; ln and
     linear train the frozen model's own tensors. merge raises ValueError for those kinds (nothing to fold), and
-    for a model whose SSF site follows a layer it cannot absorb it (a final norm that is not a LayerNorm, as
-    timm's avg-pooled ViTs have: they normalise after pooling, fc_norm).
+    for a model whose SSF site follows a layer it cannot absorb it (e.g. a final norm that is not a LayerNorm).
 
     A merged model is for inference. The folded PEFT tensors stay registered (unused) with requires_grad False,
     so training a merged model trains the head and the Gist token only and never the dead copies; unmerge sets
@@ -56,7 +55,7 @@ def merge(model: nn.Module) -> nn.Module:
     created = [(path, name) for path, name, _ in updates if getattr(model.get_submodule(path), name) is None]
     _apply(model, updates)
     forwards = {}
-    for path in [f"blocks.{i}" for i in range(len(model.blocks))] + ["norm"]:  # ssf binds the final norm's
+    for path in [f"blocks.{i}" for i in range(len(model.blocks))] + ["norm", "fc_norm"]:  # ssf binds a final norm
         bound = model.get_submodule(path).__dict__.pop("forward", None)  # patch()'s bound partial: timm's again
         if bound is not None:
             forwards[path] = bound

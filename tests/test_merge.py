@@ -252,12 +252,23 @@ def test_lora_singular_at_the_weight_precision_does_not_unmerge():
     assert is_merged(model) and all(torch.equal(merged[n], t) for n, t in _state(model).items())
 
 
+def test_ssf_final_follows_fc_norm_on_an_avg_pooled_vit():
+    """An avg-pooled ViT normalises after pooling (fc_norm; its model.norm is Identity): ssf_final follows fc_norm,
+    changes the logits there, and merges into it."""
+    model = _patched("ssf", gist=False, dtype=torch.float64, global_pool="avg")
+    before = _logits(model)
+    with torch.no_grad():
+        model.ssf_final.shift.add_(1.0)
+    assert (_logits(model) - before).abs().max() > 0.1
+    merged = _logits(gist_fast.merge(model))
+    torch.testing.assert_close(merged, _logits(gist_fast.unmerge(model)), rtol=1e-12, atol=1e-12)
+
+
 def test_ssf_after_a_layer_merge_cannot_absorb_is_refused():
-    """An avg-pooled ViT normalises after pooling (fc_norm): its model.norm is Identity, so ssf_final follows
-    nothing merge can fold it into."""
-    model = gist_fast.patch(tiny_vit(global_pool="avg"), peft="ssf", gist=False, verbose=False)
+    """RMSNorm has no bias to take the shift: merge refuses before changing anything."""
+    model = gist_fast.patch(tiny_vit(norm_layer=timm.layers.RmsNorm), peft="ssf", gist=False, verbose=False)
     before = _state(model)
-    with pytest.raises(ValueError, match="cannot merge ssf_final: it follows norm \\(Identity\\)"):
+    with pytest.raises(ValueError, match="cannot merge ssf_final: it follows norm \\(RmsNorm\\)"):
         gist_fast.merge(model)
     assert not is_merged(model) and all(torch.equal(before[n], t) for n, t in _state(model).items())
 

@@ -177,17 +177,31 @@ def test_kind_in_float32_against_the_oracle(kind, fused, memory):
         assert_oracle(ours[1][n], ref[1][n], exact[1][n], n)
 
 
+@pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("memory", ["lean", "min"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_lean_block_replays_the_eager_block_exactly(kind, memory):
-    """memory="lean"/"min" replays the eager forward: on CPU the same bits, DropPath masks included."""
-    eager = _patched(kind, memory=None, fused="auto", drop_path_rate=0.3).train()
+def test_lean_block_replays_the_eager_block_exactly(kind, memory, amp):
+    """memory="lean"/"min" replays the eager forward: on CPU the same bits, with DropPath, attention and projection
+    dropout (the same masks), under bf16 autocast, and for a backbone bias a user unfroze (fc1's)."""
+    dropouts = dict(drop_path_rate=0.3, attn_drop_rate=0.2, proj_drop_rate=0.1)
+    eager = _patched(kind, memory=None, fused="auto", **dropouts).train()
     lean = copy.deepcopy(eager)
     gist_fast.unpatch(lean)
     gist_fast.patch(lean, peft=kind, memory=memory, verbose=False, **OPTIONS[kind])
     lean.load_state_dict(eager.state_dict())
+    for m in (eager, lean):
+        for b in m.blocks:
+            b.mlp.fc1.bias.requires_grad_(True)
+
+    def fn(m):
+        def forward(img):
+            with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                return _model_fn(m)(img)
+        return forward
+
     img, y, w = images(), torch.tensor([0, 3, 1]), torch.randn(3, 5)
-    got, exp = _run(lean, _model_fn(lean), img, y, w), _run(eager, _model_fn(eager), img, y, w)
+    got, exp = _run(lean, fn(lean), img, y, w), _run(eager, fn(eager), img, y, w)
+    assert "blocks.0.mlp.fc1.bias" in got[1]
     _compare(got, exp, lambda a, b, n: torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{n}: {m}"))
     assert all(b.forward.func.__name__ == "lean_steps_forward" for b in lean.blocks)
 

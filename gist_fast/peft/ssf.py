@@ -90,16 +90,23 @@ def ssf_reason(model: nn.Module) -> Optional[str]:
     return steps_reason(model)
 
 
+def final_norm(model: nn.Module) -> str:
+    """The final norm ssf_final follows: `norm` (every token), or `fc_norm` where timm normalises after pooling
+    (global_pool="avg": `norm` is an Identity there)."""
+    return "fc_norm" if isinstance(model.norm, nn.Identity) and hasattr(model, "fc_norm") else "norm"
+
+
 def install_ssf(model: nn.Module, config, like: dict) -> None:
     """The model-level sites: ssf_patch (applied to the patch tokens in the patched _pos_embed, before CLS, the
-    Gist token and the position embedding join) and ssf_final (after the final norm, every token)."""
+    Gist token and the position embedding join) and ssf_final (after the final norm)."""
     model.ssf_patch = ScaleShift(model.embed_dim, config.fused).to(**like)
     model.ssf_final = ScaleShift(model.embed_dim, config.fused).to(**like)
-    model.norm.forward = functools.partial(norm_then_ssf, model.norm, model.ssf_final)
+    norm = model.get_submodule(final_norm(model))
+    norm.forward = functools.partial(norm_then_ssf, norm, model.ssf_final)
 
 
 def uninstall_ssf(model: nn.Module) -> None:
-    model.norm.__dict__.pop("forward", None)
+    model.get_submodule(final_norm(model)).__dict__.pop("forward", None)
     del model.ssf_patch, model.ssf_final
 
 
@@ -111,7 +118,7 @@ _BLOCK_TARGETS = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "nor
 
 def _ssf_sites(model: nn.Module) -> List[Tuple[str, str]]:
     """(ScaleShift path, the path of the layer whose output it scales and shifts)."""
-    sites = [("ssf_patch", "patch_embed.proj"), ("ssf_final", "norm")]
+    sites = [("ssf_patch", "patch_embed.proj"), ("ssf_final", final_norm(model))]
     for i in range(len(model.blocks)):
         sites += [(f"blocks.{i}.ssf_{s}", f"blocks.{i}.{t}") for s, t in _BLOCK_TARGETS.items()]
     return sites
