@@ -50,9 +50,9 @@ class PatchConfig:
     def differences(self, saved: dict) -> List[str]:
         """How a saved configuration's trained tensors would not fit this one's (fused and memory
         change how the math runs, not what it is)."""
-        mine = self.to_dict()
-        return [f"{k}: model {mine[k]!r} vs checkpoint {saved.get(k)!r}"
-                for k in ("peft", "gist", "rank", "scale", "channels", "prompts", "alpha") if mine[k] != saved.get(k)]
+        mine, kind = self.to_dict(), KINDS[self.peft]
+        compared = ("peft", "gist", "scale", "channels", "prompts", "alpha") + (("rank",) if kind.uses_rank else ())
+        return [f"{k}: model {mine[k]!r} vs checkpoint {saved.get(k)!r}" for k in compared if mine[k] != saved.get(k)]
 
     def patch_kwargs(self) -> dict:
         """The patch() arguments that rebuild this configuration on a fresh model."""
@@ -230,6 +230,9 @@ def _configure(model, peft, gist, rank, scale, fused, channels, memory, prompts,
         raise TypeError(f"peft={peft!r} cannot patch this model: {refused}")
     if gist and not kind.takes_gist:
         raise ValueError(f"peft={peft!r} cannot carry the Gist token (gist=False)")
+    if (gist or kind.tokens is not None) and getattr(model, "dynamic_img_size", False):
+        raise ValueError("the Gist token and prompts need a fixed image size: timm resamples the position embedding "
+                         "of a dynamic_img_size model by its prefix-token count, which would count them")
     if gist and getattr(model, "attn_pool", None) is not None:
         raise ValueError("gist=True needs token or average pooling; "
                          "this model pools with attention (global_pool='map')")

@@ -304,3 +304,17 @@ def test_clear_errors_for_the_new_options():
 
 def _normed_patch_embed(**kw):
     return timm.layers.PatchEmbed(**{**kw, "norm_layer": torch.nn.LayerNorm})
+
+
+def test_rank_is_no_difference_for_a_kind_without_one_and_dynamic_sizes_are_refused():
+    ssf = gist_fast.patch(tiny_vit(), peft="ssf", rank=8, verbose=False)
+    checkpoint = gist_fast.trainable_state_dict(gist_fast.patch(tiny_vit(), peft="ssf", verbose=False))
+    gist_fast.load_trainable_state_dict(ssf, checkpoint)  # rank 8 vs 4: ssf has no rank
+    lora = gist_fast.patch(tiny_vit(), peft="lora", rank=8, verbose=False)
+    with pytest.raises(ValueError, match="rank: model 8 vs checkpoint 4"):
+        gist_fast.load_trainable_state_dict(lora, gist_fast.trainable_state_dict(
+            gist_fast.patch(tiny_vit(), peft="lora", verbose=False)))
+    for kind, gist in (("vpt", False), ("lora", True)):
+        with pytest.raises(ValueError, match="need a fixed image size"):
+            gist_fast.patch(tiny_vit(dynamic_img_size=True), peft=kind, gist=gist, verbose=False)
+    gist_fast.patch(tiny_vit(dynamic_img_size=True), peft="lora", gist=False, verbose=False)(images(size=40))

@@ -45,14 +45,18 @@ class PeftKind:
     scale: Optional[float] = None          # the default scale of an adapter kind
     alpha: Optional[float] = None          # the default α of a LoRA kind
     prompts: Optional[int] = None          # the default prompt count of a prompt kind
-    fold: Optional[Callable] = None        # (model, undo) -> [Update]: gist_fast.merge's fold of its tensors into
-    unmergeable: str = ""                  # the frozen weights; without one, why nothing can fold
+    fold: Optional[Callable] = None        # (model, undo) -> [Update]: gist_fast.merge's fold into frozen weights
+    unmergeable: str = ""                  # why nothing can fold, for a kind without `fold`
     trains_norms: bool = False             # the LayerNorm affine parameters train too
     takes_gist: bool = True                # can carry the Gist token and its loss
 
     @property
     def is_adapter(self) -> bool:
         return self.scale is not None
+
+    @property
+    def uses_rank(self) -> bool:
+        return self.is_adapter or self.alpha is not None
 
 
 def _steps_kind(name: str, steps, **kw) -> PeftKind:
