@@ -38,6 +38,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from gist_fast.merge import is_merged
 from gist_fast.patch import PatchConfig, patch, patch_config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -47,7 +48,6 @@ GIST_FAST_FILE = "gist_fast.safetensors"
 PREFIX = "base_model.model."
 HEAD = "head"                                # timm VisionTransformer's classifier attribute
 EXPORTABLE = ("qkv-lora", "lora")
-MERGED = "_gist_fast_merged"                # what gist_fast.merge leaves on a merged model (merge.MERGED)
 
 # LoraConfig fields gist_fast reads, with the only value it accepts (what qkv-lora computes)
 _MUST_BE = {
@@ -156,7 +156,7 @@ def _patched(model: nn.Module, what: str) -> PatchConfig:
 
 
 def _not_merged(model: nn.Module, what: str) -> None:
-    if hasattr(model, MERGED):
+    if is_merged(model):
         raise ValueError(f"{what}: this model is merged (gist_fast.merge): its qkv weights already hold the LoRA "
                          "update, which an adapter on top would add twice; gist_fast.unmerge(model) first")
 

@@ -9,11 +9,9 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from gist_fast.patch import _trainable_groups, bind_pos_embed, patch_config
+from gist_fast.patch import MERGED, bind_pos_embed, patch_config, trainable_groups
 from gist_fast.peft import KINDS
 from gist_fast.peft.blocks import Update
-
-MERGED = "_gist_fast_merged"  # the model attribute a merged model carries (what unmerge puts back)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -112,7 +110,7 @@ def _config(model: nn.Module):
 
 def _peft_tensors(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """The kind's own tensors (its parameter_summary group), by name."""
-    group = set(map(id, _trainable_groups(model)[KINDS[model.gist_fast_config.peft].group]))
+    group = set(map(id, trainable_groups(model)[KINDS[model.gist_fast_config.peft].group]))
     return [(n, p) for n, p in model.named_parameters() if id(p) in group]
 
 

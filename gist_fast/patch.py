@@ -14,6 +14,7 @@ from gist_fast.lean_block import MEMORY_MODES
 from gist_fast.peft import KINDS
 
 PEFT_KINDS = tuple(KINDS)
+MERGED = "_gist_fast_merged"  # the attribute gist_fast.merge leaves on a merged model (what unmerge puts back)
 SUPPORTED = "timm VisionTransformer models with plain pre-norm Blocks (vit_*, deit_* without a distillation token)"
 
 
@@ -130,7 +131,7 @@ def _gist_forward(self, x: Tensor, *args, **kwargs):
     return GistOutput(logits, gist)
 
 
-def _trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+def trainable_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
     cfg, kind = model.gist_fast_config, KINDS[model.gist_fast_config.peft]
     groups = {"head": list(model.get_classifier().parameters())}
     if cfg.gist:
@@ -150,7 +151,7 @@ def _tensors(m: Union[nn.Module, nn.Parameter]) -> List[nn.Parameter]:
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
     """Counts of trainable parameters, in all and by group (head, gist, adapters, ...)."""
-    by_group = ({k: sum(p.numel() for p in ps) for k, ps in _trainable_groups(model).items()}
+    by_group = ({k: sum(p.numel() for p in ps) for k, ps in trainable_groups(model).items()}
                 if hasattr(model, "gist_fast_config") else {})
     return ParameterSummary(sum(p.numel() for p in model.parameters() if p.requires_grad),
                             sum(p.numel() for p in model.parameters()), by_group)
@@ -198,7 +199,7 @@ def patch(
     if gist:
         _add_gist_token(model, like)
     _bind_tokens(model, kind, config)
-    for params in _trainable_groups(model).values():
+    for params in trainable_groups(model).values():
         for p in params:
             p.requires_grad_(True)
     if verbose:
@@ -343,7 +344,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     The model can be patched again afterwards. Returns it."""
     kind = KINDS[patch_config(model)["peft"]]
     config = model.gist_fast_config
-    if hasattr(model, "_gist_fast_merged"):
+    if hasattr(model, MERGED):
         raise RuntimeError("this model is merged (gist_fast.merge): gist_fast.unmerge(model) first, so that unpatch "
                            "gives back the original timm weights")
     for block in model.blocks:

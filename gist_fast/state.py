@@ -4,8 +4,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from gist_fast.merge import MERGED
-from gist_fast.patch import PatchConfig, patch, patch_config
+from gist_fast.patch import MERGED, PatchConfig, patch, patch_config
 
 
 def trainable_state_dict(model: nn.Module) -> Dict[str, Any]:

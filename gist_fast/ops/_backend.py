@@ -20,3 +20,8 @@ except ImportError:  # built with GIST_FAST_NO_EXT=1: CPU tensors run the plain-
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the ops compute in; others: gist_fast.reference
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The plain-torch contracts' compute dtype: at least fp32 (float64 stays float64 for the tests' oracle)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -3,14 +3,10 @@ math: the ops' default implementation (any device without a kernel of its own: C
 without triton, others), and the CUDA path above the Triton kernels' largest rank."""
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+
+from gist_fast.ops._backend import at_least_fp32 as _up
 
 _EMPTY = (0,)
-
-
-def _up(t: Tensor) -> Tensor:
-    """At least fp32 (the op computes in fp32; float64 stays float64 for the tests' oracle)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def adapter_fwd(x, w_down, b_down, w_up, b_up, scale, base, branch, norm_weight, norm_bias, eps, dot_dtype=None):

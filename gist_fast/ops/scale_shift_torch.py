@@ -2,12 +2,8 @@
 math: the ops' default implementation (every device without a kernel of its own: CPU, CUDA without triton)."""
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
-
-def _up(t: Tensor) -> Tensor:
-    """At least fp32 (the op computes in fp32; float64 stays float64 for the tests' oracle)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+from gist_fast.ops._backend import at_least_fp32 as _up
 
 
 def scale_shift(x, scale, shift, gelu):
