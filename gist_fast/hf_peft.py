@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from gist_fast.merge import is_merged
 from gist_fast.patch import PatchConfig, patch, patch_config
+from gist_fast.peft import KINDS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,7 +48,7 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"    # PEFT's save_pretrained(safe_seria
 GIST_FAST_FILE = "gist_fast.safetensors"
 PREFIX = "base_model.model."
 HEAD = "head"                                # timm VisionTransformer's classifier attribute
-EXPORTABLE = ("qkv-lora", "lora")
+EXPORTABLE = tuple(k for k, kind in KINDS.items() if kind.alpha is not None)  # the LoRA kinds
 
 # LoraConfig fields gist_fast reads, with the only value it accepts (what qkv-lora computes)
 _MUST_BE = {

@@ -14,7 +14,7 @@ _DOT_16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def dot_config(weight_dtype: torch.dtype, autocast_dtype=None):
-    """(operand dtype, input precision) of the adapter's dots: 16-bit where eager PyTorch runs the linears in
+    """(operand dtype, input precision) of an op's dots: 16-bit where eager PyTorch runs the linears in
     16 bits (under autocast, or with 16-bit weights), accumulating in fp32; otherwise fp32 operands through 3
     tf32 passes (~fp32 accuracy; the precision argument only matters for fp32 operands)."""
     dtype = autocast_dtype if autocast_dtype is not None else weight_dtype

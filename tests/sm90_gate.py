@@ -51,9 +51,15 @@ def training_path(family: str, dtypes: str, rank: int = 0) -> bool:
 
 def configurations():
     """(label, run) for every launcher configuration; run() calls the real launcher once on CPU tensors."""
+    for family in (_adapter_configurations, _loss_configurations, _ssf_configurations, _lora_configurations):
+        yield from family()
+
+
+def _adapter_configurations():
+    """The adapter op, every rank and optional input."""
     import torch
 
-    from gist_fast.kernels import adapter, lora_qv, losses, scale_shift
+    from gist_fast.kernels import adapter
 
     def adapter_case(dtypes, rank, has_base, has_branch, has_norm):
         """Uninitialised tensors: nothing runs, only the launcher's choices and the kernels' specialisation matter."""
@@ -88,6 +94,13 @@ def configurations():
                 yield (("adapter_bwd", dtypes, rank, f"x_is_base={x_is_base} norm={has_norm} deterministic={det}"),
                        lambda a=(dtypes, rank, x_is_base, has_norm, det): adapter_bwd(*a))
 
+
+def _loss_configurations():
+    """The pair losses, every class count around a power of two."""
+    import torch
+
+    from gist_fast.kernels import losses
+
     def loss(mode, dtype, classes, grad, reduction):
         B = 8
         a, b = torch.empty(B, classes, dtype=dtype), torch.empty(B, classes, dtype=dtype)
@@ -105,6 +118,13 @@ def configurations():
         yield (("pair_loss", dtype_name, 0, f"mode={mode} C={classes} grad={grad} reduction={reduction}"),
                lambda a=(mode, dtype, classes, grad, reduction): loss(*a))
 
+
+def _ssf_configurations():
+    """Scale_shift at the ViT widths."""
+    import torch
+
+    from gist_fast.kernels import scale_shift
+
     # SSF and LoRA act on sub-layer outputs: under autocast x / qkv come in the branch dtype (bf16), with the
     # parameters fp32
     def ssf(dtypes, dim, gelu, backward, deterministic):
@@ -120,6 +140,13 @@ def configurations():
         for det in (False, True):
             yield (("scale_shift_bwd", dtypes, 0, f"D={dim} gelu={gelu} deterministic={det}"),
                    lambda a=(dtypes, dim, gelu, det): ssf(a[0], a[1], a[2], True, a[3]))
+
+
+def _lora_configurations():
+    """Lora_qv at the ranks and head widths."""
+    import torch
+
+    from gist_fast.kernels import lora_qv
 
     def lora(dtypes, rank, head_dim, backward, deterministic):
         _, x_dt, w_dt, dot = _dtype_sets()[dtypes]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gist_fast import cli
-from train_helpers import TINY, make_task, tiny, train, trained_tensors
+from train_helpers import TINY, make_task, one_line_error, tiny, train, trained_tensors
 
 SHORT = ["--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8"]
 RUN = ["--fused", "off", "--workers", "0", "--no-progress"]  # TINY without its model
@@ -22,15 +22,6 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("vtab")
     make_task(root)
     return root
-
-
-def _one_line_error(capsys, code, *expected):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -59,24 +50,24 @@ def _one_line_error(capsys, code, *expected):
 ])
 def test_each_mistake_is_one_line_and_writes_nothing(root, tmp_path, capsys, argv, expected):
     code = cli.main(["train", "--data", str(root), "--task", "kitti", "--output", str(tmp_path / "out"), *SHORT, *argv])
-    _one_line_error(capsys, code, *expected)
+    one_line_error(capsys, code, *expected)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_folder_and_unknown_sweep_task(root, tmp_path, capsys):
-    _one_line_error(capsys, cli.main(["train", "--data", str(tmp_path / "nope"), *TINY]), "data folder not found")
+    one_line_error(capsys, cli.main(["train", "--data", str(tmp_path / "nope"), *TINY]), "data folder not found")
     code = cli.main(["vtab", "--data", str(root), "--task", "kitti", "--output", str(tmp_path / "v"), *TINY])
-    _one_line_error(capsys, code, "unrecognized arguments: --task kitti")
+    one_line_error(capsys, code, "unrecognized arguments: --task kitti")
     code = cli.main(["vtab", "--data", str(root), "--tasks", "kitti,cifar", "--output", str(tmp_path / "v"), *TINY])
-    _one_line_error(capsys, code, "cifar", "not found")  # every task folder is checked before the first trains
+    one_line_error(capsys, code, "cifar", "not found")  # every task folder is checked before the first trains
     assert not (tmp_path / "v").exists()
 
 
 def test_output_that_is_a_file_and_an_empty_sweep(root, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    _one_line_error(capsys, cli.main(["train", "--output", str(tmp_path / "afile"), *SHORT, *TINY]), "afile")
+    one_line_error(capsys, cli.main(["train", "--output", str(tmp_path / "afile"), *SHORT, *TINY]), "afile")
     code = cli.main(["vtab", "--data", str(root), "--tasks", ",", "--output", str(tmp_path / "v"), *TINY])
-    _one_line_error(capsys, code, "--tasks: the list is empty")
+    one_line_error(capsys, code, "--tasks: the list is empty")
 
 
 def test_a_diverging_run_is_an_error_not_a_result(root, tmp_path, capsys):
@@ -94,12 +85,12 @@ def test_a_diverging_run_is_an_error_not_a_result(root, tmp_path, capsys):
 def test_resume_and_eval_refuse_foreign_files(root, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     code = cli.main(["train", "--resume", str(tmp_path / "notes.txt")])
-    _one_line_error(capsys, code, "not a gist-fast train checkpoint")
-    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "notes.txt")]), "not a gist-fast train checkpoint")
+    one_line_error(capsys, code, "not a gist-fast train checkpoint")
+    one_line_error(capsys, cli.main(["eval", str(tmp_path / "notes.txt")]), "not a gist-fast train checkpoint")
     assert train(root, tmp_path / "run") == 0
     capsys.readouterr()
     best = str(tmp_path / "run" / "best.pt")  # a best-accuracy checkpoint: no optimizer state
-    _one_line_error(capsys, cli.main(["train", "--resume", best]), "cannot be resumed", "last.pt")
+    one_line_error(capsys, cli.main(["train", "--resume", best]), "cannot be resumed", "last.pt")
 
 
 def test_a_used_output_is_refused_unless_overwrite(root, tmp_path, capsys):
@@ -107,7 +98,7 @@ def test_a_used_output_is_refused_unless_overwrite(root, tmp_path, capsys):
     assert train(root, out, "--framework", "linear") == 0
     before = {f: (out / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "log.jsonl", "result.json")}
     capsys.readouterr()
-    _one_line_error(capsys, train(root, out, "--framework", "linear"), "--resume", "--overwrite", "another --output")
+    one_line_error(capsys, train(root, out, "--framework", "linear"), "--resume", "--overwrite", "another --output")
     assert {f: (out / f).stat().st_mtime_ns for f in before} == before
     assert train(root, out, "--framework", "adapter", "--overwrite", "--stop-after-steps", "1") == 0
     assert not (out / "best.pt").exists() and not (out / "result.json").exists()  # nothing of the old run is kept
@@ -116,7 +107,7 @@ def test_a_used_output_is_refused_unless_overwrite(root, tmp_path, capsys):
     assert train(root, other, "--framework", "linear") == 0
     capsys.readouterr()
     code = cli.main(["train", "--resume", str(out / "last.pt"), "--output", str(other)])  # not over another run
-    _one_line_error(capsys, code, "holds an earlier run")
+    one_line_error(capsys, code, "holds an earlier run")
 
 
 def test_resume_writes_where_the_checkpoint_is_with_relative_data(root, tmp_path, monkeypatch):
@@ -139,7 +130,7 @@ def test_vtab_reuses_only_a_matching_result_and_resumes_a_stopped_sweep(root, tm
     capsys.readouterr()
     assert cli.main([*sweep, "--framework", "linear"]) == 0  # the same settings: read back, not trained
     assert "== kitti" not in capsys.readouterr().out
-    _one_line_error(capsys, cli.main([*sweep, "--framework", "adapter"]), "kitti", "--framework", "--overwrite")
+    one_line_error(capsys, cli.main([*sweep, "--framework", "adapter"]), "kitti", "--framework", "--overwrite")
     assert cli.main([*sweep, "--framework", "adapter", "--overwrite"]) == 0
     adapter = json.loads((tmp_path / "kitti" / "result.json").read_text())
     assert adapter["framework"] == "adapter" and adapter["trainable"] > linear["trainable"]
@@ -171,7 +162,7 @@ def test_eval_reports_the_split_it_evaluated(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", str(tmp_path / "out" / "best.pt"), "--workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
-    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "out" / "best.pt"), "--split", "nope"]), "nope")
+    one_line_error(capsys, cli.main(["eval", str(tmp_path / "out" / "best.pt"), "--split", "nope"]), "nope")
 
 
 def test_eval_on_the_embedded_digits_names_its_splits(tmp_path, capsys):
@@ -181,8 +172,8 @@ def test_eval_on_the_embedded_digits_names_its_splits(tmp_path, capsys):
         capsys.readouterr()
         assert cli.main(["eval", str(tmp_path / "best.pt"), *(["--split", split] if split else [])]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == expected
-    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--split", "val200"]), "--split val200")
-    _one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--device", "banana"]), "--device")
+    one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--split", "val200"]), "--split val200")
+    one_line_error(capsys, cli.main(["eval", str(tmp_path / "best.pt"), "--device", "banana"]), "--device")
 
 
 def test_random_backbone_warning_schedule_and_memory_option(root, tmp_path, capsys):

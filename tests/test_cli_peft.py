@@ -16,7 +16,7 @@ from gist_fast import cli
 from gist_fast.peft import KINDS, TUNABLE
 from gist_fast.training import models, vtab
 from gist_fast.training.recipe import KIND_OPTIONS, TrainConfig, resolve
-from train_helpers import TINY, make_task, train
+from train_helpers import TINY, make_task, one_line_error, train
 
 SHORT = ["--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "8"]
 
@@ -27,15 +27,6 @@ def root(tmp_path_factory):
     make_task(root)
     make_task(root, "patch_camelyon", classes=2)
     return root
-
-
-def _one_line_error(capsys, code, *expected):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 def _config(*argv):
@@ -77,7 +68,7 @@ def test_kind_options_follow_the_registry():
 def test_each_mistake_is_one_line_and_writes_nothing(root, tmp_path, capsys, argv, expected):
     code = cli.main(["train", "--data", str(root), "--task", "kitti", "--output", str(tmp_path / "out"), *SHORT,
                      *TINY, *argv])
-    _one_line_error(capsys, code, *expected)
+    one_line_error(capsys, code, *expected)
     assert not (tmp_path / "out").exists()
 
 
@@ -93,7 +84,7 @@ def test_each_mistake_is_one_line_and_writes_nothing(root, tmp_path, capsys, arg
 def test_sweep_mistakes_are_one_line(root, tmp_path, capsys, argv, expected):
     code = cli.main(["vtab", "--data", str(root), "--tasks", "kitti", "--output", str(tmp_path / "v"), *SHORT, *TINY,
                      *argv])
-    _one_line_error(capsys, code, *expected)
+    one_line_error(capsys, code, *expected)
     assert not (tmp_path / "v").exists()
 
 
@@ -148,7 +139,7 @@ def test_resume_and_eval_rebuild_the_same_model(root, tmp_path, capsys, argv):
     cut = str(tmp_path / "cut" / "last.pt")
     option, value = argv[-2:]
     capsys.readouterr()
-    _one_line_error(capsys, cli.main(["train", "--resume", cut, option, value + "1"]), f"differ from it: {option}")
+    one_line_error(capsys, cli.main(["train", "--resume", cut, option, value + "1"]), f"differ from it: {option}")
     assert cli.main(["train", "--resume", cut, option, value, "--no-progress"]) == 0  # the same value is no change
     full, resumed = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("full", "cut"))
     assert full["student"]["gist_fast_config"] == resumed["student"]["gist_fast_config"]
@@ -219,7 +210,7 @@ def test_sweep_over_kinds_writes_one_table_and_resumes(root, tmp_path, capsys):
     assert trained == ["== ssf/patch_camelyon (trained) ==", "== ssf/kitti (trained) =="]
     assert list(json.loads((out / "vtab.json").read_text())["kinds"]) == ["vpt", "lora", "ssf"]
     # another --prompts changes vpt's runs only: refused before anything trains, naming the folder and the option
-    _one_line_error(capsys, cli.main([*sweep[:-4], "--prompts", "3", "--alpha", "2", "--peft", "lora,vpt"]),
+    one_line_error(capsys, cli.main([*sweep[:-4], "--prompts", "3", "--alpha", "2", "--peft", "lora,vpt"]),
                     "vpt/patch_camelyon", "--prompts differ", "--overwrite")
 
 

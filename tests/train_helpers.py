@@ -58,3 +58,13 @@ def train(root, out, *extra, task="kitti"):
 
 def trained_tensors(path):
     return torch.load(path, weights_only=False)["student"]["state_dict"]
+
+
+def one_line_error(capsys, code, *expected):
+    """A CLI mistake: exit 2 and one line on stderr, no traceback, naming each of `expected`."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    return err

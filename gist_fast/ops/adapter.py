@@ -127,7 +127,7 @@ if HAS_TRITON:  # without triton, CUDA tensors run the plain-torch body
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would run the adapter's linears in on x's device, or None outside autocast."""
+    """The dtype autocast would run a linear in on x's device (the ops' dots follow it), or None outside autocast."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 

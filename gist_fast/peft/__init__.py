@@ -99,7 +99,8 @@ KINDS: Dict[str, PeftKind] = {k.name: k for k in (
                 model_modules=("ssf_patch", "ssf_final"), patch_tokens=_patch_ssf, fold=fold_ssf),
 )}
 
-# the kinds `gist-fast train --peft` offers (ln and channels are the two-stage framework's, linear its own)
-TUNABLE = ("adapter", "seq-adapter", "adaptformer", "vpt", "lora", "qkv-lora", "ssf")
+# the kinds `gist-fast train --peft` offers: those with tensors of their own that leave the LayerNorms frozen
+# (ln and channels are the two-stage framework's, linear its own)
+TUNABLE = tuple(k for k, kind in KINDS.items() if kind.group and not kind.trains_norms)
 
 __all__ = ["PeftKind", "KINDS", "TUNABLE", "Adapter", "ChannelLinear", "LoRA", "ScaleShift"]
