@@ -128,3 +128,34 @@ def test_adapter_weight_gradients_deterministic_on_request():
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+
+@pytest.mark.parametrize("memory", [None, "lean", "min"])
+@pytest.mark.parametrize("kind", ["vpt", "lora", "qkv-lora", "ssf"])
+def test_vit_base_new_kinds_step_matches_reference_under_bf16_autocast(kind, memory):
+    """GIST over vpt, lora, qkv-lora and ssf on ViT-B/16: the fused ops (Triton) and the lean blocks against the
+    plain-PyTorch reference in one bf16-autocast step: the loss, and every PEFT gradient's direction."""
+    import timm
+
+    base = timm.create_model("vit_base_patch16_224", num_classes=100).cuda()
+    fused = gist_fast.patch(copy.deepcopy(base), peft=kind, memory=memory, verbose=False).train()
+    ref = gist_fast.patch(copy.deepcopy(base), peft=kind, fused=False, verbose=False).train()
+    with torch.no_grad():  # never zeros (LoRA's zero-initialised factor)
+        for p in fused.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    ref.load_state_dict(fused.state_dict())
+    x, y = torch.randn(16, 3, 224, 224, device="cuda"), torch.randint(0, 100, (16,), device="cuda")
+    losses = []
+    for model in (fused, ref):
+        torch.manual_seed(0)  # the same dropout masks (gist token, prompts)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = gist_fast.GistLoss()(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1])
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), grads[n].flatten().float(), dim=0)
+            assert cos > 0.98, (n, cos.item())
