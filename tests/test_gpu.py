@@ -130,7 +130,7 @@ def test_adapter_weight_gradients_deterministic_on_request():
     assert all(torch.equal(p, q) for p, q in zip(first, second))
 
 
-@pytest.mark.parametrize("memory", [None, "lean", "min"])
+@pytest.mark.parametrize("memory", [None, "lean"])
 @pytest.mark.parametrize("kind", ["vpt", "lora", "qkv-lora", "ssf"])
 def test_vit_base_new_kinds_step_matches_reference_under_bf16_autocast(kind, memory):
     """GIST over vpt, lora, qkv-lora and ssf on ViT-B/16: the fused ops (Triton) and the lean blocks against the
