@@ -57,12 +57,16 @@ def _size(text: str) -> str:
 
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _add_method_options(p, sweep)
-    d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
-    d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
+    if sweep:
+        d = p.add_argument_group("data")
+        d.add_argument("--data", help="the VTAB-1K root holding the task folders (METHODS §5)")
+    else:
+        d = p.add_argument_group("data (none: the embedded 8x8 digits, 1000 train / 797 test)")
+        d.add_argument("--data", help="a VTAB-1K root (with --task) or an ImageFolder tree (train/ and val/ or test/)")
     if not sweep:  # the sweep names its tasks with --tasks, and each VTAB task has its own class count
         d.add_argument("--task", help="VTAB-1K task folder; also picks its lr / weight decay / drop-path")
         d.add_argument("--num-classes", type=int, help="class count (VTAB: from the task; folders: from train/)")
-    _add_recipe_and_run_options(p)
+    _add_recipe_and_run_options(p, sweep)
 
 
 def _kinds(text: str) -> List[str]:
@@ -130,7 +134,7 @@ def _add_method_options(p: argparse.ArgumentParser, sweep: bool = False) -> None
     mo.add_argument("--teacher-pretrained-file", help="a local timm checkpoint for the teacher")
 
 
-def _add_recipe_and_run_options(p: argparse.ArgumentParser) -> None:
+def _add_recipe_and_run_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     from gist_fast.training.recipe import AMP_MODES, MEMORY_MODES
 
     r = p.add_argument_group("recipe (defaults: the authors', METHODS §4)")
@@ -150,7 +154,9 @@ def _add_recipe_and_run_options(p: argparse.ArgumentParser) -> None:
     x.add_argument("--device", help="cpu, cuda, cuda:1 (a GPU when there is one)")
     x.add_argument("--workers", type=int, help="data-loader processes (0 on digits, else up to 4)")
     x.add_argument("--eval-every", type=int, help="evaluate every N epochs (1) and always after the last")
-    x.add_argument("--output", help="folder for log.jsonl, last.pt, best.pt, result.json (runs/train)")
+    x.add_argument("--output", help="a folder per task (per kind and task with --peft K1,K2) and the table "
+                   "(runs/vtab)" if sweep else
+                   "folder for log.jsonl, last.pt, best.pt, result.json (runs/train)")
     x.add_argument("--stop-after-steps", type=int, help="stop after N steps with a resumable checkpoint")
     x.add_argument("--memory", choices=MEMORY_MODES, help="the block's memory mode (gist_fast.patch(memory=)): auto "
                    "(default: lean on CUDA, none on CPU), lean, min, none (the eager block)")

@@ -260,8 +260,8 @@ def _check_kind_options(kind, prompts, alpha) -> None:
     if alpha is not None:
         if kind.alpha is None:
             raise ValueError(f"alpha= is the LoRA kinds' option (lora, qkv-lora), not {kind.name!r}'s")
-        if isinstance(alpha, bool) or not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if isinstance(alpha, bool) or not (math.isfinite(float(alpha)) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
 
 
 def _like(model: nn.Module) -> dict:

@@ -318,3 +318,9 @@ def test_rank_is_no_difference_for_a_kind_without_one_and_dynamic_sizes_are_refu
         with pytest.raises(ValueError, match="need a fixed image size"):
             gist_fast.patch(tiny_vit(dynamic_img_size=True), peft=kind, gist=gist, verbose=False)
     gist_fast.patch(tiny_vit(dynamic_img_size=True), peft="lora", gist=False, verbose=False)(images(size=40))
+
+
+def test_alpha_must_be_positive():
+    for alpha in (0, -3.0):
+        with pytest.raises(ValueError, match="positive finite"):
+            gist_fast.patch(tiny_vit(), peft="qkv-lora", alpha=alpha)

@@ -2,6 +2,7 @@
 fc2 and the final norm. Fused: after a LayerNorm it is the LayerNorm with the affine (w γ, b γ + β); after
 fc1 it rides with the GELU (one op); elsewhere one scale-shift op."""
 import functools
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -146,6 +147,9 @@ def fold_ssf(model: nn.Module, undo: bool) -> List[Update]:
                                  f"set those channels of {path} to zero and they cannot be recovered")
             w, b = w / g, (b - beta) / gamma
         else:
+            if (gamma == 0).any():
+                warnings.warn(f"{ssf_path} has {int((gamma == 0).sum())} scales of 0: merge zeroes those channels of "
+                              f"{path}, and gist_fast.unmerge will not be able to recover them", stacklevel=3)
             w, b = w * g, b * gamma + beta
         updates += [(path, "weight", w.to(dtype)), (path, "bias", b.to(dtype))]
     return updates

@@ -350,9 +350,11 @@ class _stop_on_signals:
     """SIGINT / SIGTERM ask the loop to save and stop at the next step; a second one aborts."""
 
     def __init__(self, trainer: Trainer):
-        self.trainer, self.previous = trainer, {}
+        self.trainer, self.previous, self.pid = trainer, {}, os.getpid()
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked data-loader worker inherited the handler: the trainer's own answers
+            return
         if self.trainer.stop_signal is not None:
             raise KeyboardInterrupt
         self.trainer.stop_signal = signum

@@ -238,9 +238,9 @@ def schedule(cfg: TrainConfig) -> str:
     cooldown = f", then {cfg.cooldown_epochs} cool-down epochs at {cfg.min_lr:g}" if cfg.cooldown_epochs else ""
     text = (f"schedule: {cfg.total_epochs} epochs: {cfg.epochs} of cosine decay {cfg.lr:g} -> {cfg.min_lr:g}"
             f"{warmup}{cooldown}")
-    if cfg.warmup_epochs > cfg.epochs:
-        text += (f"\nwarning: the {cfg.warmup_epochs}-epoch warm-up is longer than the {cfg.epochs}-epoch cosine "
-                 "(--epochs): the learning rate rises through the warm-up, then drops to --min-lr "
+    if cfg.warmup_epochs >= cfg.epochs:
+        text += (f"\nwarning: the {cfg.warmup_epochs}-epoch warm-up is not shorter than the {cfg.epochs}-epoch cosine "
+                 "(--epochs): the learning rate rises through the warm-up and never reaches --lr "
                  "(lower --warmup-epochs)")
     return text
 
