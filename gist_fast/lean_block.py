@@ -37,7 +37,7 @@ reproduced exactly: the per-sample masks are drawn by the block's own DropPath m
 order and from the same RNG stream as the eager block, and saved (B numbers).
 """
 import functools
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -137,11 +137,16 @@ def _drop_path_masks(block: nn.Module, x: Tensor, dt: torch.dtype) -> Tuple[Opti
                  for dp in (block.drop_path1, block.drop_path2))
 
 
+def resolve_mode(mode: Optional[str], x: Tensor) -> Optional[str]:
+    """The memory mode of this call: "auto" is "lean" on CUDA inputs, None (the eager block) elsewhere. Resolved from
+    the input, not at patch(): models are patched on the CPU and then moved (gist-fast bench and train do), so only
+    the call knows where the block runs."""
+    return ("lean" if x.is_cuda else None) if mode == "auto" else mode
+
+
 def lean_forward(block: nn.Module, x: Tensor, *, first, fallback, mode: str, **attn_kwargs) -> Tensor:
     """A block's forward as `bind` binds it: the lean block, or `fallback(block, x, **attn_kwargs)` for this call."""
-    # "auto" resolves from the input, not at patch(): models are patched on the CPU and then moved (gist-fast bench
-    # and train do), so only the call knows where the block runs.
-    mode = ("lean" if x.is_cuda else None) if mode == "auto" else mode
+    mode = resolve_mode(mode, x)
     if mode is None or _falls_back(block, x, attn_kwargs):
         return fallback(block, x, **attn_kwargs)
     dt = _compute_dtype(x)
@@ -268,12 +273,20 @@ class _Replay(NamedTuple):
     u: Tensor           # fc1(h2), saved ("lean") or recomputed ("min")
 
 
+def grads_of(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    """d(outputs)/d(inputs) given the outputs' gradients; None for an input that does not require grad or that the
+    outputs do not depend on (and for all of them when no output requires grad)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    wanted = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                 if pairs and wanted else ())
+    return [next(found) if t.requires_grad and pairs else None for t in inputs]
+
+
 def _grads(out: Tensor, grad: Tensor, leaf: Tensor, params: Sequence[Tensor]):
     """(d out/d leaf, (d out/d p for each p of params: None where p does not require grad)), given grad."""
-    trainable = [p for p in params if p.requires_grad]
-    g_leaf, *g = torch.autograd.grad(out, [leaf] + trainable, grad)
-    it = iter(g)
-    return g_leaf, tuple(next(it) if p.requires_grad else None for p in params)
+    g_leaf, *g = grads_of([out], [leaf, *params], [grad])
+    return g_leaf, tuple(g)
 
 
 def _recompute(block, first, xc: Tensor, u: Optional[Tensor], wts, norms, dt, mask1, res_dtype) -> _Replay:

@@ -15,11 +15,12 @@ any backbone weight a user unfroze, and x get their gradients from autograd. Per
 tracing takes the eager forward (its own rematerialisation then plans memory)."""
 import contextlib
 import functools
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from gist_fast.lean_block import grads_of, resolve_mode
 from gist_fast.peft.blocks import Steps, attention_residual, mlp_residual, steps_forward
 
 
@@ -30,7 +31,7 @@ def bind(block: nn.Module, mode: str, *, steps) -> functools.partial:
 
 def lean_steps_forward(block: nn.Module, x: Tensor, *, steps, mode: str, **attn_kwargs) -> Tensor:
     # "auto" resolves from the input: models are patched on the CPU and then moved.
-    mode = ("lean" if x.is_cuda else None) if mode == "auto" else mode
+    mode = resolve_mode(mode, x)
     params = [p for p in block.parameters() if p.requires_grad]
     if (mode is None or torch.compiler.is_compiling()
             or not (torch.is_grad_enabled() and (x.requires_grad or params))):
@@ -81,7 +82,7 @@ class _LeanSteps(torch.autograd.Function):
         x, u = ctx.saved_tensors
         block, steps, params = ctx.block, ctx.steps, list(ctx.params)
         x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[4])
-        wrt = ([x_leaf] if x_leaf.requires_grad else []) + params
+        wrt = [x_leaf] + params  # grads_of: None for x when it needs none
         # The graphs are built as the forward ran (its RNG and autocast state); the gradients are taken outside
         # autocast, as autograd runs the eager block's backward.
         with torch.enable_grad(), _replayed_rng(ctx.rng, x):
@@ -94,19 +95,10 @@ class _LeanSteps(torch.autograd.Function):
                     x1_leaf, u_leaf = x1.detach().requires_grad_(), u.detach().requires_grad_()  # the MLP's own graph
                     y = mlp_residual(block, steps, x1_leaf, u_leaf)
             if u is None:
-                grads = _grad([y], wrt, [dy])
+                grads = grads_of([y], wrt, [dy])
             else:
-                g_x1, g_u, *g_back = _grad([y], [x1_leaf, u_leaf] + params, [dy])
+                g_x1, g_u, *g_back = grads_of([y], [x1_leaf, u_leaf] + params, [dy])
                 g_h2 = g_u @ block.mlp.fc1.weight.to(g_u.dtype)  # fc1 is frozen and plain here: its input gradient
-                grads = [_add(a, b) for a, b in zip(_grad([x1, h2], wrt, [g_x1, g_h2.to(h2.dtype)]),
-                                                    ([None] * (len(wrt) - len(params))) + g_back)]
-        g_x = grads[0] if x_leaf.requires_grad else None
-        return (None, None, None, None, g_x, *grads[len(wrt) - len(params):])
-
-
-def _grad(outputs: List[Tensor], inputs: List[Tensor], grads: List[Tensor]) -> List[Optional[Tensor]]:
-    """d(outputs)/d(inputs) given the outputs' gradients; None for an input the outputs do not depend on."""
-    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-    if not inputs or not pairs:
-        return [None] * len(inputs)
-    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
+                g_x, *g_front = grads_of([x1, h2], wrt, [g_x1, g_h2.to(h2.dtype)])
+                grads = [g_x] + [_add(a, b) for a, b in zip(g_front, g_back)]
+        return (None, None, None, None, *grads)
